@@ -1,0 +1,97 @@
+"""Artifacts: a model at one stage with its lineage, and atomic, content-hashed directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import EdgecError
+
+STAGES = ("torch", "onnx", "build")
+
+
+@dataclass(frozen=True)
+class LineageStep:
+    """One pass applied to an artifact: its name, params and what it reported."""
+
+    pass_name: str
+    params: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "params": self.params, "report": self.report}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model at one stage.
+
+    ``stage`` is 'torch' (``payload`` is an nn.Module) or 'onnx' (``payload`` is a path to a
+    .onnx file). ``extras`` carries stage-specific metadata (e.g. bits per layer) for later passes.
+    """
+
+    stage: str
+    payload: Any
+    lineage: tuple[LineageStep, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise EdgecError(f"unknown artifact stage {self.stage!r}; known: {STAGES}")
+
+    def derive(self, stage: str, payload: Any, step: LineageStep, **extras) -> Artifact:
+        """The artifact a pass produced from this one, lineage extended by ``step``."""
+        return replace(self, stage=stage, payload=payload, lineage=(*self.lineage, step),
+                       extras={**self.extras, **extras})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(files: dict[str, str], config: dict[str, Any]) -> str:
+    """Hash of the deployable content: file digests plus the configuration that made them."""
+    blob = json.dumps({"files": files, "config": config}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@contextmanager
+def atomic_directory(final: Path):
+    """Yield a temporary directory next to ``final``; rename it into place only on success.
+
+    A failure leaves nothing at ``final``. An existing ``final`` (same hash: same content) is
+    replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise EdgecError(f"{str(directory)!r} is not an edgec artifact (no manifest.json)")
+    return json.loads(path.read_text())

@@ -1,0 +1,90 @@
+"""The ``edgec`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgec.errors import EdgecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compile a PyTorch model into a measured artifact for an edge device.")
+console = Console()
+
+
+def _fail(exc: EdgecError) -> None:
+    console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def build(
+    model: Path = typer.Argument(..., help="model TOML (factory/checkpoint/input/data)"),
+    target: str = typer.Option("local", help="target name (see `edgec targets`) or TOML path"),
+    recipe: Path = typer.Option(None, help="pass recipe TOML (default: passes/int8.toml)"),
+    data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
+    out: Path = typer.Option(Path("build"), help="root of build/<target>/<model>-<hash>/"),
+    repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
+    min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
+    threads: int = typer.Option(1, help="runtime threads during measurement"),
+    profile: bool = typer.Option(True, help="measure latency on the device"),
+):
+    """Run the recipe's passes, compile for TARGET, evaluate and profile; print the table."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgec.build import BuildRequest
+    from edgec.build import build as run_build
+    from edgec.measure import MeasureSpec
+
+    try:
+        request = BuildRequest(model, target, recipe, data, out,
+                               MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
+                               profile)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("building", total=None)
+            result = run_build(request, lambda message: bar.update(task, description=message))
+    except EdgecError as exc:
+        _fail(exc)
+    console.print(_rows_table(result.rows, f"{result.manifest['name']} → {target}"))
+    console.print(f"artifact: {result.directory}")
+
+
+def _rows_table(rows, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("config", "top-1", "p50 ms", "p90 ms", "size KiB"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        lat = row.latency
+        table.add_row(row.name, f"{row.top1 * 100:.2f} %", f"{lat.p50:.3f}" if lat else "-",
+                      f"{lat.p90:.3f}" if lat else "-", f"{row.size_bytes / 1024:.1f}")
+    return table
+
+
+@app.command()
+def targets():
+    """List the built-in targets."""
+    from edgec.targets import load_target, target_paths
+
+    table = Table(title="targets")
+    for column in ("name", "isa", "cpu", "precisions", "backends", "description"):
+        table.add_column(column)
+    try:
+        for name in target_paths():
+            t = load_target(name)
+            table.add_row(name, t.isa, t.cpu, ",".join(t.precisions), ",".join(t.backends),
+                          t.description)
+    except EdgecError as exc:
+        _fail(exc)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The Device protocol shared by LocalDevice and SSHDevice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgec.errors import RemoteCommandError
+from edgec.measure import Measurement, MeasureSpec
+
+
+class Device(Protocol):
+    """Somewhere an artifact's runner can execute."""
+
+    name: str
+
+    def run_runner(self, artifact_dir: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
+        """Run ``runner.py ARGS`` of the artifact and return its JSON output."""
+
+    def measure(self, artifact_dir: Path, spec: MeasureSpec) -> Measurement: ...
+
+    def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict: ...
+
+
+def parse_runner_output(stdout: str, stderr: str, device: str) -> dict[str, Any]:
+    """The runner prints one JSON object as its last line; anything else is a runner crash."""
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise RemoteCommandError(f"runner on {device} printed no result; its last errors:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def eval_args(data: str, start: int, count: int) -> list[str]:
+    return ["eval", "--data", data, "--start", str(start), "--count", str(count)]

@@ -1,0 +1,96 @@
+"""The measurement protocol (MeasureSpec) and its statistics (Measurement)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgec.errors import MeasureError
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """Warm-up runs, then repeats until both ``repeat`` samples and ``min_time_s`` are reached."""
+
+    warmup: int = 10
+    repeat: int = 50
+    min_time_s: float = 1.0
+    threads: int = 1
+    batch: int = 1
+    data: str = ""  # npz of images to stream in order instead of one random input
+    start: int = 0
+    count: int = 0
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.repeat < 1 or self.min_time_s < 0 or self.threads < 1:
+            raise MeasureError(f"invalid measurement protocol {self}; need warmup >= 0, "
+                               f"repeat >= 1, min_time_s >= 0, threads >= 1")
+
+    def runner_args(self) -> list[str]:
+        args = ["measure", "--warmup", str(self.warmup), "--repeat", str(self.repeat),
+                "--min-time", str(self.min_time_s), "--threads", str(self.threads),
+                "--batch", str(self.batch)]
+        if self.data:
+            args += ["--data", self.data, "--start", str(self.start), "--count", str(self.count)]
+        return args
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency samples (ms) and their statistics, plus peak RSS and notes from the device."""
+
+    samples_ms: tuple[float, ...]
+    peak_rss_mb: float
+    runtime: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.samples_ms:
+            raise MeasureError("measurement has no samples; the runner produced none")
+
+    def percentile(self, q: float) -> float:
+        data = sorted(self.samples_ms)
+        k = (len(data) - 1) * q / 100.0
+        lo, hi = math.floor(k), math.ceil(k)
+        return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def p90(self) -> float:
+        return self.percentile(90)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(99)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples_ms)
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95 % confidence interval of the mean (normal approximation)."""
+        if len(self.samples_ms) < 2:
+            return float("nan")
+        return 1.96 * statistics.stdev(self.samples_ms) / math.sqrt(len(self.samples_ms))
+
+    def summary(self) -> dict[str, Any]:
+        return {"p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99, "mean_ms": self.mean,
+                "ci95_ms": self.ci95, "n": len(self.samples_ms), "peak_rss_mb": self.peak_rss_mb,
+                "runtime": self.runtime, "warnings": list(self.warnings), **self.extra}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "samples_ms": list(self.samples_ms), "summary": self.summary()}
+
+    @classmethod
+    def from_runner(cls, result: dict[str, Any], warnings: tuple[str, ...] = ()) -> Measurement:
+        extra = {k: v for k, v in result.items()
+                 if k not in ("samples_ms", "peak_rss_mb", "runtime", "mode", "artifact")}
+        return cls(tuple(result["samples_ms"]), result["peak_rss_mb"], result.get("runtime", {}),
+                   warnings, extra)

@@ -1,0 +1,176 @@
+"""Model references, input specs and safe loading of checkpoints, ExportedPrograms and ONNX."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgec.config import from_dict, load_toml
+from edgec.errors import ConfigError, ModelError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one input sample looks like and how raw data is normalised into it.
+
+    ``shape`` excludes the batch dimension and is channels-first (C, H, W). Raw images are
+    stored NHWC as uint8; they become ``(x * scale - mean) / std`` per channel.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if not self.shape or any(d <= 0 for d in self.shape):
+            raise ConfigError(f"input shape {self.shape} is invalid; give positive (C, H, W)")
+        channels = self.shape[0]
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values and len(values) != channels:
+                raise ConfigError(
+                    f"input {name} {values} has {len(values)} values for {channels} channels"
+                )
+        if any(s == 0 for s in self.std):
+            raise ConfigError(f"input std {self.std} contains 0; every std must be non-zero")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "scale": self.scale,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model TOML: ``factory`` and optional ``checkpoint``, or a ``file`` (.pt2 / .onnx)."""
+
+    name: str
+    input: InputSpec
+    factory: str = ""
+    checkpoint: str = ""
+    file: str = ""
+    data: str = ""
+    num_classes: int = 10
+    root: Path = field(default=Path("."), compare=False)
+
+    def resolve(self, relative: str) -> Path:
+        return (self.root / relative).resolve()
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Parse a model TOML (see examples/*/model.toml); paths are relative to the file."""
+    path = Path(path)
+    raw = load_toml(path)
+    where = str(path)
+    input_table = raw.pop("input", None)
+    if not isinstance(input_table, dict):
+        raise ConfigError(f"{where}: missing [input] table with at least 'shape'")
+    spec = from_dict(InputSpec, input_table, f"{where} [input]")
+    config = from_dict(ModelConfig, {**raw, "input": spec}, where)
+    if bool(config.factory) == bool(config.file):
+        raise ConfigError(f"{where}: give exactly one of 'factory' or 'file'")
+    return ModelConfig(**{**config.__dict__, "root": path.parent.resolve()})
+
+
+def import_factory(ref: str, root: Path = Path(".")):
+    """Resolve ``file.py:factory`` (relative to ``root``) or ``package.module:factory``."""
+    module_ref, sep, attr = ref.partition(":")
+    if not sep or not module_ref or not attr.isidentifier():
+        raise ModelError(
+            f"model reference {ref!r} is not of the form 'file.py:factory' or 'pkg.module:factory'"
+        )
+    if module_ref.endswith(".py"):
+        module = _import_file((root / module_ref).resolve(), ref)
+    else:
+        try:
+            module = importlib.import_module(module_ref)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module {module_ref!r} of {ref!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{ref!r}: module has no callable {attr!r}; check the factory name")
+    return factory
+
+
+def _import_file(path: Path, ref: str):
+    if not path.is_file():
+        raise ModelError(f"model file {str(path)!r} of {ref!r} does not exist")
+    name = f"edgec_user_{abs(hash(str(path)))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ModelError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def load_checkpoint(model, path: Path) -> None:
+    """Load a state dict safely (weights_only) into ``model``; strips DataParallel ``module.``."""
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {str(path)!r} cannot be read safely: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        summary = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in summary[1:4])
+        raise ModelError(
+            f"checkpoint {str(path)!r} does not fit model {type(model).__name__}: {detail}"
+        ) from exc
+
+
+def load_torch_model(config: ModelConfig):
+    """Build the float torch model described by ``config`` in eval mode, checked on its input."""
+    import torch
+
+    if config.file:
+        path = config.resolve(config.file)
+        if not path.is_file():
+            raise ModelError(f"model file {str(path)!r} does not exist; check the path")
+        if path.suffix != ".pt2":
+            raise ModelError(f"{str(path)!r} is not a .pt2 ExportedProgram; use load_onnx for .onnx")
+        model = torch.export.load(str(path)).module()
+    else:
+        model = import_factory(config.factory, config.root)()
+        if not isinstance(model, torch.nn.Module):
+            raise ModelError(f"factory {config.factory!r} returned {type(model).__name__}, not nn.Module")
+        if config.checkpoint:
+            load_checkpoint(model, config.resolve(config.checkpoint))
+        model.eval()
+    check_input(model, config.input)
+    return model
+
+
+def check_input(model, spec: InputSpec) -> None:
+    """Run one dummy batch; a shape the model rejects is a ModelError naming the shape."""
+    import torch
+
+    x = torch.zeros((1, *spec.shape), dtype=getattr(torch, spec.dtype))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise ModelError(
+            f"input shape {tuple(spec.shape)} does not fit the model: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}; fix [input] shape in the model config"
+        ) from exc

@@ -1,0 +1,81 @@
+"""Targets: what the compiled code must run on, read from targets/*.toml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgec.config import check_keys, from_dict, load_toml
+from edgec.errors import ConfigError
+from edgec.resources import builtin_dir
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: ISA, CPU, SIMD, memory, precisions, peak rates and backends."""
+
+    name: str
+    description: str
+    isa: str
+    triple: str
+    cpu: str
+    simd_width_bits: int
+    channel_multiple: int
+    cores: int
+    memory_mb: int
+    precisions: tuple[str, ...]
+    peak_gmacs: dict[str, float]
+    backends: tuple[str, ...]
+    runtime_requires: tuple[str, ...] = ()
+    tvm_target: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise ValueError(f"precisions {bad} unknown; use {PRECISIONS}")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple {self.channel_multiple} must be >= 1")
+        if not self.backends:
+            raise ValueError("backends must list at least one backend")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def target_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(builtin_dir("targets").glob("*.toml"))}
+
+
+def load_target(name_or_path: str) -> Target:
+    """A target by built-in name or TOML path; an unknown name lists the known ones."""
+    path = Path(name_or_path)
+    if not path.suffix == ".toml":
+        known = target_paths()
+        if name_or_path not in known:
+            raise ConfigError(f"unknown target {name_or_path!r}; known targets: {', '.join(known)}")
+        path = known[name_or_path]
+    raw = _with_parent(path, load_toml(path))
+    return from_dict(Target, {"name": path.stem, **raw}, str(path))
+
+
+def _with_parent(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Merge one level of ``extends = "other"`` (tables merged shallowly)."""
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    parent_path = path.with_name(f"{parent_name}.toml")
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: key 'extends' names {parent_name!r}, which does not exist")
+    parent = load_toml(parent_path)
+    if "extends" in parent:
+        raise ConfigError(f"{path}: extends {parent_name!r}, which extends again; one level only")
+    check_keys(raw, [*Target.__dataclass_fields__, "extends"], str(path))
+    merged = {**parent}
+    for key, value in raw.items():
+        both_tables = isinstance(value, dict) and isinstance(parent.get(key), dict)
+        merged[key] = {**parent[key], **value} if both_tables else value
+    return merged
