@@ -53,7 +53,7 @@ def target_paths() -> dict[str, Path]:
 def load_target(name_or_path: str) -> Target:
     """A target by built-in name or TOML path; an unknown name lists the known ones."""
     path = Path(name_or_path)
-    if not path.suffix == ".toml":
+    if path.suffix != ".toml":
         known = target_paths()
         if name_or_path not in known:
             raise ConfigError(f"unknown target {name_or_path!r}; known targets: {', '.join(known)}")

@@ -1,0 +1,86 @@
+"""Shared fixtures: the one helper that finds ../shared/data, and real models and splits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(EXAMPLES / "resnet20_cifar10"))
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip the test with the reason it is missing."""
+    from edgec.data import shared_data_dir
+
+    folder = shared_data_dir()
+    if folder is None:
+        pytest.skip("real data folder ../shared/data (or $EDGEC_DATA_DIR) is missing")
+    path = folder / name
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    from edgec.data import SplitSpec, load_split
+
+    return load_split(SplitSpec(path=str(shared_file("cifar10_test.npz"))), Path("."))
+
+
+@pytest.fixture(scope="session")
+def cifar_train_slice():
+    """The first 2,000 training images: calibration / fine-tuning data for fast tests."""
+    from edgec.data import SplitSpec, load_split
+
+    return load_split(SplitSpec(path=str(shared_file("cifar10_train.npz")), count=2000), Path("."))
+
+
+@pytest.fixture(scope="session")
+def resnet20_config():
+    from edgec.model import load_model_config
+
+    shared_file("resnet20-12fca82f.th")
+    return load_model_config(EXAMPLES / "resnet20_cifar10" / "model.toml")
+
+
+@pytest.fixture(scope="session")
+def resnet20(resnet20_config):
+    from edgec.model import load_torch_model
+
+    return load_torch_model(resnet20_config)
+
+
+@pytest.fixture(scope="session")
+def resnet56_config():
+    from edgec.model import load_model_config
+
+    shared_file("resnet56-4bfd9763.th")
+    return load_model_config(EXAMPLES / "resnet20_cifar10" / "resnet56.toml")
+
+
+@pytest.fixture(scope="session")
+def digits_config():
+    from edgec.model import load_model_config
+
+    return load_model_config(EXAMPLES / "digits" / "model.toml")
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_config):
+    from edgec.model import load_torch_model
+
+    return load_torch_model(digits_config)
+
+
+@pytest.fixture(scope="session")
+def local_target():
+    from edgec.targets import load_target
+
+    return load_target("local")

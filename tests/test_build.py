@@ -1,0 +1,94 @@
+"""edgec build end to end: artifact layout, reproducible hash, runner reproduces accuracy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgec.build import BuildRequest, build
+from edgec.errors import EdgecError
+from edgec.measure import MeasureSpec
+
+from .conftest import EXAMPLES, ROOT
+
+FAST = MeasureSpec(warmup=2, repeat=5, min_time_s=0.05)
+DIGITS = EXAMPLES / "digits" / "model.toml"
+
+
+@pytest.fixture(scope="module")
+def digits_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    return build(BuildRequest(DIGITS, "local", ROOT / "passes" / "int8.toml", out=out, measure=FAST))
+
+
+def test_artifact_layout(digits_build):
+    directory = digits_build.directory
+    assert directory.parent.name == "local" and directory.name.startswith("digits-cnn-")
+    assert {p.name for p in directory.iterdir()} == {
+        "manifest.json", "model.onnx", "runner.py", "report.md", "profile.json"}
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert [s["pass"] for s in manifest["lineage"]] == ["fuse", "export", "quantize"]
+    assert set(manifest["files"]) == {"model.onnx", "runner.py"}
+    assert manifest["accuracy"]["total"] == 500 and manifest["accuracy"]["top1"] > 0.9
+    assert "| built (int8) |" in (directory / "report.md").read_text()
+
+
+def test_same_inputs_same_hash(digits_build, tmp_path):
+    again = build(BuildRequest(DIGITS, "local", ROOT / "passes" / "int8.toml", out=tmp_path,
+                               profile=False))
+    assert again.manifest["hash"] == digits_build.manifest["hash"]
+    assert again.manifest["files"] == digits_build.manifest["files"]
+
+
+def test_fp32_and_int8_rows(digits_build):
+    fp32, built = digits_build.rows
+    assert fp32.name == "fp32" and built.name == "built (int8)"
+    assert built.size_bytes < fp32.size_bytes
+    assert abs(fp32.top1 - built.top1) < 0.02
+    assert built.latency.p50 > 0 and built.latency.p90 >= built.latency.p50
+
+
+def test_failed_build_leaves_no_directory(tmp_path):
+    import numpy as np
+
+    wrong = tmp_path / "wrong.npz"  # 4x4 images for an 8x8 model: quantize's calibration fails
+    np.savez(wrong, images=np.zeros((16, 4, 4, 1), np.uint8), labels=np.zeros(16, np.int64))
+    data = tmp_path / "data.toml"
+    data.write_text(f'[calibration]\npath = "{wrong}"\n'
+                    f'[evaluation]\ngenerator = "{EXAMPLES}/digits/digits.py:test"\n')
+    out = tmp_path / "out"
+    request = BuildRequest(DIGITS, "local", ROOT / "passes" / "int8.toml", data, out,
+                           profile=False)
+    with pytest.raises(EdgecError, match=r"\(4, 4, 1\).*passes already run: \['fuse', 'export'\]"):
+        build(request)
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.slow
+def test_resnet20_int8_runner_reproduces_build_accuracy(tmp_path, resnet20_config):
+    from .conftest import shared_file
+
+    result = build(BuildRequest(EXAMPLES / "resnet20_cifar10" / "model.toml", "local",
+                                ROOT / "passes" / "int8.toml", out=tmp_path, profile=False))
+    fp32, built = result.rows
+    assert round(fp32.top1 * 100, 2) == 91.73
+    assert abs(built.top1 - fp32.top1) <= 0.005
+    runner = subprocess.run([sys.executable, str(result.directory / "runner.py"), "eval",
+                             "--data", str(shared_file("cifar10_test.npz"))],
+                            capture_output=True, text=True, check=True)
+    standalone = json.loads(runner.stdout)
+    assert standalone["correct"] == result.manifest["accuracy"]["correct"]
+    assert standalone["predictions_sha256"] == result.manifest["accuracy"]["predictions_sha256"]
+
+
+def test_cli_build_digits(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edgec.cli", "build", str(DIGITS), "--out",
+                           str(tmp_path), "--repeat", "5", "--min-time", "0.05"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "built (int8)" in done.stdout and "artifact:" in done.stdout
+    assert list(Path(tmp_path, "local").glob("digits-cnn-*/manifest.json"))
