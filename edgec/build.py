@@ -7,7 +7,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact, atomic_directory, content_hash, sha256_file, write_json
 from edgec.backends import BACKENDS
 from edgec.data import Dataset, load_data_config
-from edgec.devices import LocalDevice
+from edgec.devices import LocalDevice, open_device
 from edgec.errors import CompileError, ConfigError, ModelError
 from edgec.measure import Measurement, MeasureSpec
 from edgec.model import ModelConfig, load_model_config, load_torch_model
 from edgec.passes.export import ExportParams, ExportPass
 from edgec.pipeline import Context, Pipeline, Step, load_recipe
+from edgec.profiles import ProfileDB
 from edgec.runner import RUNNER_PATH
 from edgec.targets import Target, load_target
 
@@ -39,6 +40,10 @@ class BuildRequest:
     out: Path = Path("build")
     measure: MeasureSpec = field(default_factory=MeasureSpec)
     profile: bool = True
+    device: str = "local"  # profile there (devices/NAME.toml); evaluation stays on this host
+    profiles: Path = Path("profiles")  # a board's profiles are appended to <profiles>/<device>/
+    backend: str | None = None  # one of the target's backends instead of its first that fits
+    tune: int = 0  # MetaSchedule trial budget for the tvm backend (0: untuned)
 
 
 @dataclass(frozen=True)
@@ -63,17 +68,19 @@ class BuildResult:
     rows: tuple[Row, ...]
 
 
-def default_recipe() -> Path:
+def default_recipe(target: Target | None = None) -> Path:
+    """The target's ``[options] recipe`` (e.g. "fpga" for hls4ml targets), else int8."""
     from edgec.resources import builtin_dir
 
-    return builtin_dir("passes") / "int8.toml"
+    name = target.options.get("recipe", "int8") if target else "int8"
+    return builtin_dir("passes") / f"{name}.toml"
 
 
 def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     """Run the whole build; the artifact directory appears only when everything succeeded."""
     config = load_model_config(request.model)
     target = load_target(request.target)
-    pipeline = load_recipe(request.recipe or default_recipe())
+    pipeline = load_recipe(request.recipe or default_recipe(target))
     pipeline.check_target(target)
     calibration, evaluation = _load_data(config, request.data)
     progress(f"loading model {config.name}")
@@ -87,10 +94,16 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
         built = pipeline.run(source, ctx, lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
         eval_npz = scratch / "evaluation.npz"
         np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
-        device = LocalDevice()
-        reference = _reference_row(source, float_top1, ctx, target, eval_npz, device, request)
-        directory, manifest, row = _write_build(built, config, target, pipeline, request,
-                                                eval_npz, device, reference, progress)
+        device, profiler = LocalDevice(), open_device(request.device)
+        try:
+            reference = _reference_row(source, float_top1, ctx, target, eval_npz, profiler,
+                                       request)
+            directory, manifest, row = _write_build(built, config, target, pipeline, request,
+                                                    eval_npz, device, reference, progress, profiler)
+        finally:
+            getattr(profiler, "close", lambda: None)()
+    if row.latency and request.device != "local":
+        ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, row.latency)
     return BuildResult(directory, manifest, (reference, row))
 
 
@@ -108,22 +121,51 @@ def _load_source(config: ModelConfig) -> Artifact:
         if not path.is_file():
             raise ModelError(f"model file {str(path)!r} does not exist; check the path")
         return Artifact("onnx", path)
-    return Artifact("torch", load_torch_model(config))
+    return Artifact("torch", load_torch_model(config),
+                    extras={"input_shape": list(config.input.shape)})  # torch backends export
 
 
-def pick_backend(artifact: Artifact, target: Target):
-    for name in target.backends:
-        backend = BACKENDS[name]()
-        if backend.consumes == artifact.stage and backend.supports(target) is None:
+def pick_backend(artifact: Artifact, target: Target, only: str | None = None,
+                 options: dict[str, Any] | None = None):
+    """The first of the target's backends (or just ``only``) that takes this artifact."""
+    if only is not None and only not in target.backends:
+        raise ConfigError(f"--backend {only!r} is not a backend of target {target.name!r}; "
+                          f"choose one of {', '.join(target.backends)}")
+    if artifact.extras.get("cascade") and only is None:
+        return _cascade_backend(target)
+    reasons = []
+    for name in [only] if only else target.backends:
+        if name not in BACKENDS:
+            reasons.append(f"{name}: not registered in edgec.backends.BACKENDS")
+            continue
+        try:
+            backend = BACKENDS[name](**(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"backend {name!r} takes no option {sorted(options or {})}") from exc
+        accepts = getattr(backend, "accepts", lambda artifact: None)
+        reason = (f"consumes {backend.consumes!r}" if backend.consumes != artifact.stage
+                  else backend.supports(target) or accepts(artifact))
+        if reason is None:
             return backend
-    raise CompileError(f"no backend of target {target.name!r} ({', '.join(target.backends)}) "
-                       f"accepts a {artifact.stage!r} model")
+        reasons.append(f"{name}: {reason}")
+    raise CompileError(f"no backend of target {target.name!r} accepts this {artifact.stage!r} "
+                       f"model ({'; '.join(reasons)})")
+
+
+def _cascade_backend(target: Target):
+    """An early-exit model goes to the cascade backend: only it really stops early."""
+    backend = BACKENDS["cascade"]()
+    reason = backend.supports(target)
+    if reason:
+        raise CompileError(f"cannot deploy the early-exit model for {target.name!r}: {reason}")
+    return backend
 
 
 def write_artifact(artifact: Artifact, config: ModelConfig, target: Target, recipe: list,
-                   directory: Path) -> dict[str, Any]:
+                   directory: Path, backend_name: str | None = None,
+                   backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile ``artifact`` for ``target`` into ``directory`` with runner and manifest."""
-    backend = pick_backend(artifact, target)
+    backend = pick_backend(artifact, target, backend_name, backend_options)
     entry = backend.compile(artifact, target, directory)
     shutil.copyfile(RUNNER_PATH, directory / "runner.py")
     files = {name: sha256_file(directory / name) for name in [*entry["files"], "runner.py"]}
@@ -149,7 +191,9 @@ def _torch_version() -> dict[str, str]:
 
 def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -> Row:
     """fp32 row: the float model's accuracy, and its plain ONNX export's latency on the target."""
-    if source.stage != "torch" or not request.profile:
+    takes_onnx = any(BACKENDS[name].consumes == "onnx" for name in target.backends
+                     if name in BACKENDS)  # an hls4ml-only target has no ONNX runtime to time
+    if source.stage != "torch" or not request.profile or not takes_onnx:
         return Row("fp32", float_top1 or float("nan"), 0, None)
     exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(source, ctx)
     directory = ctx.workdir / "fp32-reference"
@@ -159,29 +203,63 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     return Row("fp32", float_top1, manifest["size_bytes"], device.measure(directory, request.measure))
 
 
-def _write_build(built, config, target, pipeline, request, eval_npz, device, reference, progress):
+def _measure_spec(spec: MeasureSpec, manifest: dict[str, Any], eval_npz: Path,
+                  device: str) -> MeasureSpec:
+    """A cascade's latency depends on its input: stream the evaluation images in order
+    (on this host; a board measures what its spec names)."""
+    if manifest["entry"]["backend"] == "cascade" and not spec.data and device == "local":
+        return replace(spec, data=str(eval_npz))
+    return spec
+
+
+def _write_build(built, config, target, pipeline, request, eval_npz, device, reference, progress,
+                 profiler=None):
+    profiler = profiler or device
     staging = Path(tempfile.mkdtemp(prefix="edgec-stage-"))
     try:
-        manifest = write_artifact(built, config, target, pipeline.config(), staging)
+        manifest = write_artifact(built, config, target, pipeline.config(), staging,
+                                  request.backend, {"tune_trials": request.tune} if request.tune
+                                  else None)
         final = Path(request.out) / target.name / f"{config.name}-{manifest['hash'][:12]}"
         with atomic_directory(final) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
-            progress("evaluating the artifact with its own runner")
-            accuracy = device.evaluate(tmp, str(eval_npz))
-            manifest["accuracy"] = {"top1": accuracy["top1"], "correct": accuracy["correct"],
-                                    "total": accuracy["total"],
-                                    "predictions_sha256": accuracy["predictions_sha256"]}
+            on_host = manifest["entry"].get("runs_on_host", True)
+            if on_host:
+                progress("evaluating the artifact with its own runner")
+                # a slow runtime (hls4ml's C simulation) evaluates only the first eval_count images
+                accuracy = device.evaluate(tmp, str(eval_npz),
+                                           count=manifest["entry"].get("eval_count", 0))
+                manifest["accuracy"] = {"top1": accuracy["top1"], "correct": accuracy["correct"],
+                                        "total": accuracy["total"],
+                                        "predictions_sha256": accuracy["predictions_sha256"]}
+                if "exits" in accuracy:  # early-exit cascade: images that left at each exit
+                    manifest["accuracy"]["exits"] = accuracy["exits"]
+            else:  # e.g. a TVM aarch64 .so: only the board (or its emulation) can run it
+                accuracy = {"top1": float("nan")}
+                manifest["accuracy"] = {"skipped": f"{target.isa} code does not run on this host;"
+                                                   f" evaluate it on the board"}
             write_json(tmp / "manifest.json", manifest)
             latency = None
-            if request.profile:
-                progress("profiling on local")
-                latency = device.measure(tmp, request.measure)
-                write_json(tmp / "profile.json", {"device": device.name, **latency.to_json()})
+            if request.profile and (on_host or request.device != "local"):
+                progress(f"profiling on {profiler.name}")
+                latency = profiler.measure(tmp, _measure_spec(request.measure, manifest, eval_npz,
+                                                                 request.device))
+                write_json(tmp / "profile.json", {"device": profiler.name, **latency.to_json()})
             row = Row(f"built ({pipeline.name})", accuracy["top1"], manifest["size_bytes"], latency)
-            (tmp / "report.md").write_text(render_report(manifest, [reference, row]))
+            report = render_report(manifest, [reference, row])
+            if request.profile and request.device == "local":
+                from edgec.analysis import efficiency_section
+
+                report += efficiency_section(tmp, manifest)
+            (tmp / "report.md").write_text(report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, manifest, row
+
+
+def format_top1(value: float | None) -> str:
+    """Top-1 as a percentage; "n/a" where the artifact cannot run on this host."""
+    return "n/a" if value is None or value != value else f"{value * 100:.2f} %"
 
 
 def render_table(rows) -> str:
@@ -191,7 +269,7 @@ def render_table(rows) -> str:
         lat = row.latency
         p50 = f"{lat.p50:.3f}" if lat else "-"
         p90 = f"{lat.p90:.3f}" if lat else "-"
-        lines.append(f"| {row.name} | {row.top1 * 100:.2f} % | {p50} | {p90} | "
+        lines.append(f"| {row.name} | {format_top1(row.top1)} | {p50} | {p90} | "
                      f"{row.size_bytes / 1024:.1f} KiB |")
     return "\n".join(lines)
 

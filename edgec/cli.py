@@ -31,6 +31,9 @@ def build(
     min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
     threads: int = typer.Option(1, help="runtime threads during measurement"),
     profile: bool = typer.Option(True, help="measure latency on the device"),
+    device: str = typer.Option("local", help="profile on this device (devices/NAME.toml)"),
+    backend: str = typer.Option(None, help="one of the target's backends (default: first that fits)"),
+    tune: int = typer.Option(0, help="MetaSchedule trials for the tvm backend (0: untuned)"),
 ):
     """Run the recipe's passes, compile for TARGET, evaluate and profile; print the table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -42,7 +45,7 @@ def build(
     try:
         request = BuildRequest(model, target, recipe, data, out,
                                MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
-                               profile)
+                               profile, device=device, backend=backend, tune=tune)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("building", total=None)
@@ -54,12 +57,14 @@ def build(
 
 
 def _rows_table(rows, title: str) -> Table:
+    from edgec.build import format_top1
+
     table = Table(title=title)
     for column in ("config", "top-1", "p50 ms", "p90 ms", "size KiB"):
         table.add_column(column, justify="right")
     for row in rows:
         lat = row.latency
-        table.add_row(row.name, f"{row.top1 * 100:.2f} %", f"{lat.p50:.3f}" if lat else "-",
+        table.add_row(row.name, format_top1(row.top1), f"{lat.p50:.3f}" if lat else "-",
                       f"{lat.p90:.3f}" if lat else "-", f"{row.size_bytes / 1024:.1f}")
     return table
 
@@ -80,6 +85,27 @@ def targets():
     except EdgecError as exc:
         _fail(exc)
     console.print(table)
+
+
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="model TOML (factory/checkpoint/input)"),
+    target: str = typer.Option("local", help="target name (see `edgec targets`) or TOML path"),
+):
+    """Lowering preflight: which ops each backend of TARGET supports, falls back on or rejects."""
+    from edgec.check import check_model, render_check
+
+    try:
+        report = check_model(model, target)
+    except EdgecError as exc:
+        _fail(exc)
+    console.print(render_check(report), highlight=False, markup=False, soft_wrap=True)
+
+
+from edgec.cli_devices import devices_app, profile  # noqa: E402  (they reuse _fail above)
+
+app.add_typer(devices_app, name="devices")
+app.command("profile")(profile)
 
 
 def main() -> None:

@@ -59,6 +59,14 @@ class RemoteCommandError(DeviceError):
     """A command on the board (for example the runner) failed."""
 
 
+class RemoteDiskFull(DeviceError):
+    """The board's work directory has no room for the artifact or the lock."""
+
+
+class DeviceBusy(DeviceError):
+    """Another measurement held the board's lock for longer than we were willing to wait."""
+
+
 class MeasureError(EdgecError):
     """A measurement is invalid (no samples, bad protocol parameters)."""
 

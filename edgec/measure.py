@@ -9,6 +9,35 @@ from typing import Any
 
 from edgec.errors import MeasureError
 
+HOT_C = 80.0  # most SoCs start to throttle near here (Raspberry Pi: 80-85 °C)
+WARMED_C = 15.0  # a rise this large during one measurement means the timings drifted
+
+
+def condition_warnings(before: dict[str, Any], after: dict[str, Any]) -> tuple[str, ...]:
+    """Warnings about the board's state read before and after a measurement.
+
+    ``before``/``after`` hold ``governor`` (str, '' when unknown), ``temp_c`` (float or None)
+    and ``throttled`` (the Raspberry Pi firmware's hex flags, '' when unknown).
+    """
+    notes = []
+    governors = {g for state in (before, after) for g in state.get("governor", "").split("/") if g}
+    slow = sorted(governors - {"performance"})
+    if slow:
+        notes.append(f"CPU governor is {'/'.join(slow)!r}, not 'performance': "
+                     f"latencies vary with the clock; set it on the board with `echo performance "
+                     f"| sudo tee /sys/devices/system/cpu/cpu*/cpufreq/scaling_governor`")
+    t0, t1 = before.get("temp_c"), after.get("temp_c")
+    if t1 is not None and t1 >= HOT_C:
+        notes.append(f"SoC temperature reached {t1:.1f} °C (>= {HOT_C:.0f}): the board may have "
+                     f"throttled; add cooling or a cooldown between runs")
+    elif t0 is not None and t1 is not None and t1 - t0 >= WARMED_C:
+        notes.append(f"SoC warmed from {t0:.1f} to {t1:.1f} °C during the measurement")
+    flags = after.get("throttled", "")
+    if flags and int(flags, 16) & 0x6:
+        notes.append(f"the board reports throttling (get_throttled={flags}): the clock was capped "
+                     f"during the measurement; check power supply and cooling")
+    return tuple(notes)
+
 
 @dataclass(frozen=True)
 class MeasureSpec:

@@ -31,16 +31,37 @@ class Target:
     backends: tuple[str, ...]
     runtime_requires: tuple[str, ...] = ()
     tvm_target: dict[str, Any] = field(default_factory=dict)
+    cross_compiler: str = ""  # C++ compiler that links TVM's shared objects for this ISA
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
-            raise ValueError(f"precisions {bad} unknown; use {PRECISIONS}")
+            raise ValueError(f"key 'precisions': {bad} unknown; use {PRECISIONS}")
         if self.channel_multiple < 1:
-            raise ValueError(f"channel_multiple {self.channel_multiple} must be >= 1")
+            raise ValueError(f"key 'channel_multiple': {self.channel_multiple} must be >= 1")
         if not self.backends:
-            raise ValueError("backends must list at least one backend")
+            raise ValueError("key 'backends': list at least one backend")
+        for key in ("cores", "memory_mb", "simd_width_bits"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"key {key!r}: {getattr(self, key)} must be >= 1")
+        unrated = [p for p in self.precisions if p not in self.peak_gmacs]
+        extra = [p for p in self.peak_gmacs if p not in self.precisions]
+        if unrated or extra:
+            raise ValueError(f"key 'peak_gmacs': give one rate per precision {self.precisions} "
+                             f"(missing {unrated}, not in precisions {extra})")
+        if any(not isinstance(v, int | float) or v <= 0 for v in self.peak_gmacs.values()):
+            raise ValueError(f"key 'peak_gmacs': rates must be positive numbers, got "
+                             f"{self.peak_gmacs}")
+        if self.tvm_target and "kind" not in self.tvm_target:
+            raise ValueError("key 'tvm_target': needs a 'kind' (e.g. llvm, cuda)")
+
+    @property
+    def runs_on_host(self) -> bool:
+        """Whether code compiled for this target executes on the machine edgec runs on."""
+        import platform
+
+        return self.isa == platform.machine()
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

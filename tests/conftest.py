@@ -84,3 +84,48 @@ def local_target():
     from edgec.targets import load_target
 
     return load_target("local")
+
+
+# ----- SSH device tests: a real OpenSSH server on loopback and small real artifacts ----------
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory):
+    """A real sshd on 127.0.0.1 (own host key, client key, known_hosts); skips without sshd."""
+    from tests import sshd
+
+    reason = sshd.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        server = sshd.SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    except RuntimeError as exc:
+        if os.geteuid() == 0:
+            raise
+        pytest.skip(f"sshd cannot run as a non-root user here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_int8_artifact(tmp_path_factory):
+    """The digits example built for the local target (int8 recipe, not profiled)."""
+    from edgec.build import BuildRequest, build
+
+    out = tmp_path_factory.mktemp("digits-build")
+    return build(BuildRequest(model=EXAMPLES / "digits" / "model.toml", target="local",
+                              recipe=ROOT / "passes" / "int8.toml", profile=False,
+                              out=out)).directory
+
+
+@pytest.fixture(scope="session")
+def resnet20_int8_artifact(tmp_path_factory, resnet20_config):
+    """ResNet-20 built for the local target (int8 recipe, not profiled; accuracy on 1,000 test
+    images only: this fixture is for latency tests, not accuracy claims)."""
+    from edgec.build import BuildRequest, build
+
+    out = tmp_path_factory.mktemp("resnet20-build")
+    data = out / "data.toml"
+    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
+                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 1000\n')
+    return build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml", target="local",
+                              recipe=ROOT / "passes" / "int8.toml", data=data, profile=False,
+                              out=out)).directory

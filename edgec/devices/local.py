@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgec.devices import probe
 from edgec.devices.base import eval_args, parse_runner_output
+from edgec.devices.probe import STATE_SCRIPT
 from edgec.errors import DeviceTimeout
-from edgec.measure import Measurement, MeasureSpec
+from edgec.measure import Measurement, MeasureSpec, condition_warnings
 
 
 class LocalDevice:
@@ -21,7 +23,8 @@ class LocalDevice:
     def __init__(self, python: str = sys.executable):
         self.python = python
 
-    def run_runner(self, artifact_dir: Path, args: list[str], timeout_s: float = 600) -> dict[str, Any]:
+    def run_runner(self, artifact_dir: Path, args: list[str],
+                   timeout_s: float = 600) -> dict[str, Any]:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
         try:
             done = subprocess.run([self.python, str(Path(artifact_dir) / "runner.py"), *args],
@@ -32,7 +35,14 @@ class LocalDevice:
         return parse_runner_output(done.stdout, done.stderr, "local")
 
     def measure(self, artifact_dir: Path, spec: MeasureSpec) -> Measurement:
-        return Measurement.from_runner(self.run_runner(artifact_dir, spec.runner_args()))
+        before = self._state()
+        result = self.run_runner(artifact_dir, spec.runner_args())
+        return Measurement.from_runner(result, condition_warnings(before, self._state()))
+
+    @staticmethod
+    def _state() -> dict[str, Any]:
+        done = subprocess.run(["sh", "-c", STATE_SCRIPT], capture_output=True, text=True)
+        return probe.parse(done.stdout)
 
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict:
         return self.run_runner(artifact_dir, eval_args(data, start, count))

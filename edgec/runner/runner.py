@@ -31,14 +31,20 @@ def preprocess(images, spec):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(spec["dtype"])
 
 
-def load_onnxruntime(files, threads):
+def ort_session(path, threads):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(HERE / files[0]), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_onnxruntime(files, threads):
+    import onnxruntime as ort
+
+    session = ort_session(HERE / files[0], threads)
     name = session.get_inputs()[0].name
 
     def predict(x):
@@ -47,7 +53,165 @@ def load_onnxruntime(files, threads):
     return predict, {"onnxruntime": ort.__version__}
 
 
-LOADERS = {"onnxruntime": load_onnxruntime}
+def load_tvm(files, threads):
+    """A TVM Relax VM over model.so (batch fixed at compile time: larger batches are looped)."""
+    import os
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    entry = json.loads((HERE / "manifest.json").read_text())["entry"]
+    device = tvm.cuda() if entry.get("device") == "cuda" else tvm.cpu()
+    vm = VirtualMachine(tvm.runtime.load_module(str(HERE / files[0])), device)
+    step = entry.get("batch", 1)
+
+    def predict(x):
+        outs = []
+        for i in range(0, len(x), step):
+            out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[i:i + step]), device))
+            outs.append((out[0] if not hasattr(out, "numpy") else out).numpy())
+        return np.concatenate(outs)
+
+    return predict, {"tvm": tvm.__version__}
+
+
+def load_tensorrt(files, threads):
+    """Jetson artifacts: the ONNX variant through ONNX Runtime, preferring its TensorRT and CUDA
+    providers (onnxruntime-gpu on the board); on a machine without them, the CPU provider."""
+    import onnxruntime as ort
+
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(HERE / files[0]), options, providers=providers)
+    name = session.get_inputs()[0].name
+
+    def predict(x):
+        return session.run(None, {name: x})[0]
+
+    return predict, {"onnxruntime": ort.__version__, "provider": session.get_providers()[0]}
+
+
+class Cascade:
+    """Early-exit stages: run stage k; if its confidence reaches threshold k return its exit
+    logits, else feed its features to stage k + 1. Sample by sample (batch-1 streaming);
+    ``exits[k]`` counts the samples that left at stage k (the last entry: the final output)."""
+
+    def __init__(self, sessions, thresholds):
+        self.stages = [(s.run, s.get_inputs()[0].name) for s in sessions]
+        self.thresholds = list(thresholds)
+        self.exits = [0] * len(sessions)
+
+    def __call__(self, x):
+        if len(x) == 1:
+            return self.one(x)
+        return np.concatenate([self.one(x[i:i + 1]) for i in range(len(x))])
+
+    def one(self, x):
+        for k, threshold in enumerate(self.thresholds):
+            run, name = self.stages[k]
+            x, logits, confidence = run(None, {name: x})
+            if confidence[0] >= threshold:
+                self.exits[k] += 1
+                return logits
+        run, name = self.stages[-1]
+        self.exits[-1] += 1
+        return run(None, {name: x})[0]
+
+
+def load_cascade(files, threads):
+    """files[0] is cascade.json (stage files, thresholds); the rest are the stage graphs."""
+    import onnxruntime as ort
+
+    spec = json.loads((HERE / files[0]).read_text())
+    sessions = [ort_session(HERE / name, threads) for name in spec["stages"]]
+    return Cascade(sessions, spec["thresholds"]), {"onnxruntime": ort.__version__}
+
+
+def exit_histogram(predict):
+    """{'exits': counts per exit, final last} for a cascade, else nothing."""
+    return {"exits": list(predict.exits)} if isinstance(predict, Cascade) else {}
+
+
+def _per_sample(run_one):
+    """predict() over a batch for runtimes whose programs are compiled for batch 1."""
+
+    def predict(x):
+        return np.concatenate([run_one(x[i:i + 1]) for i in range(len(x))])
+
+    return predict
+
+
+def load_ort_mobile(files, threads):
+    """ONNX Runtime mobile format: any onnxruntime build loads .ort files."""
+    return load_onnxruntime(files, threads)
+
+
+def load_executorch(files, threads):
+    import torch
+    from executorch.runtime import Runtime
+
+    torch.set_num_threads(threads)
+    method = Runtime.get().load_program(str(HERE / files[0])).load_method("forward")
+
+    def run_one(x):
+        return method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
+
+    from importlib.metadata import version
+
+    return _per_sample(run_one), {"executorch": version("executorch")}
+
+
+def load_litert(files, threads):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(HERE / files[0]), num_threads=threads)
+    interpreter.allocate_tensors()
+    source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def run_one(x):
+        interpreter.set_tensor(source["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(sink["index"])
+
+    from importlib.metadata import version
+
+    return _per_sample(run_one), {"ai-edge-litert": version("ai-edge-litert")}
+
+
+def load_hls4ml(files, threads):
+    """hls4ml's bit-accurate C simulation (csim.so) through ctypes; input NCHW (the project
+    transposes to channels-last itself)."""
+    import ctypes
+
+    entry = json.loads((HERE / "manifest.json").read_text())["entry"]
+    function = getattr(ctypes.CDLL(str(HERE / entry["library"])), entry["function"])
+    pointer = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+    function.argtypes, function.restype = [pointer, pointer], None
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(HERE)  # the first call reads the weights from hls/firmware/weights (relative)
+    try:
+        function(np.zeros(int(np.prod(entry["input_shape"])), np.float32),
+                 np.zeros(entry["output_size"], np.float32))
+    finally:
+        os.chdir(cwd)
+
+    def run_one(x):
+        sample = np.ascontiguousarray(x[0], dtype=np.float32)
+        out = np.zeros(entry["output_size"], np.float32)
+        function(sample.ravel(), out)
+        return out[None]
+
+    return _per_sample(run_one), {"hls4ml-csim": entry["hls_backend"]}
+
+
+LOADERS = {"cascade": load_cascade, "onnxruntime": load_onnxruntime, "tvm": load_tvm,
+           "tensorrt": load_tensorrt, "ort-mobile": load_ort_mobile, "executorch": load_executorch,
+           "litert": load_litert, "hls4ml": load_hls4ml}
 
 
 def load(manifest, threads):
@@ -80,6 +244,8 @@ def measure(predict, manifest, args):
         stream = [rng.standard_normal(shape).astype(spec["dtype"])]
     for i in range(args.warmup):
         predict(stream[i % len(stream)])
+    if isinstance(predict, Cascade):
+        predict.exits = [0] * len(predict.exits)
     samples, started, i = [], time.perf_counter(), 0
     while (len(samples) < args.repeat or time.perf_counter() - started < args.min_time) and (
         len(samples) < args.max_repeat
@@ -89,7 +255,7 @@ def measure(predict, manifest, args):
         predict(x)
         samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
-    return {"samples_ms": samples, "batch": args.batch}
+    return {"samples_ms": samples, "batch": args.batch, **exit_histogram(predict)}
 
 
 def evaluate(predict, manifest, args):
@@ -102,7 +268,8 @@ def evaluate(predict, manifest, args):
     predictions = np.concatenate(predictions)
     correct = int((predictions == labels).sum())
     return {"correct": correct, "total": int(len(labels)), "top1": correct / max(len(labels), 1),
-            "predictions_sha256": hashlib.sha256(predictions.astype(np.int64).tobytes()).hexdigest()}
+            "predictions_sha256": hashlib.sha256(predictions.astype(np.int64).tobytes()).hexdigest(),
+            **exit_histogram(predict)}
 
 
 def parse(argv):

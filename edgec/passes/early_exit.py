@@ -1,0 +1,332 @@
+"""early_exit: exit heads after chosen blocks, thresholds from an accuracy budget, a cascade.
+
+Consumes a torch model, produces one ONNX graph whose outputs are the final ``logits``, each
+head's ``exit_k`` and the ``feature_k`` maps the later stages start from, plus
+``extras['cascade']`` (exit points, thresholds, rates). A following ``quantize`` pass quantizes
+that one graph, so every stage is calibrated on the real stage inputs of the calibration split;
+the ``cascade`` backend then cuts it into one ONNX graph per stage.
+
+Steps: (1) cut the model after each exit point; (2) train a small head per exit on cached
+features of the frozen backbone, distilling from the final logits; (3) optionally fine-tune
+backbone and heads jointly, distilling from the original model; (4) measure each stage's and
+head's latency (and one runtime call) with ONNX Runtime; (5) on training images disjoint from
+those of step 2, choose per-exit max-softmax thresholds that minimise expected latency with a
+top-1 drop within ``budget`` points; (6) drop exits that never fire.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from edgec import exits as ee
+from edgec.artifact import Artifact
+from edgec.backends.cascade import stage_graphs
+from edgec.data import Dataset, preprocess
+from edgec.errors import PassError
+from edgec.pipeline import Context, Step
+
+COST_PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class EarlyExitParams:
+    """Where exits go, how heads are trained, and the accuracy budget.
+
+    ``after``: module names of the blocks to exit after (in execution order), or "auto" (the end
+    of every top-level nn.Sequential stage but the last). ``head``: "linear" (pool + linear),
+    "mlp" (pool + linear + ReLU + linear) or "conv" (3×3 stride-2 conv + pool + linear), with
+    adaptive pooling to ``pool``×``pool`` and ``head_width`` hidden units/channels (0: default).
+    ``budget``: allowed top-1 drop in points on the threshold split. ``thresholds``: fixed
+    per-exit thresholds instead of the budget search (exits are then all kept).
+    ``train_count`` / ``threshold_count``: disjoint slices of the calibration split for head
+    training and threshold choice. ``finetune_epochs`` / ``finetune_seconds``: joint fine-tuning
+    of backbone and heads (0: off; the time limit stops it early). ``cost_precision``: measure
+    stage costs on the fp32 or the int8 (quantized) stage graphs.
+    """
+
+    after: tuple[str, ...] | str = "auto"
+    head: str = "mlp"
+    pool: int = 2
+    head_width: int = 0
+    budget: float = 1.0
+    thresholds: tuple[float, ...] = ()
+    train_count: int = 10000
+    threshold_count: int = 5000
+    epochs: int = 4
+    lr: float = 3e-3
+    temperature: float = 2.0
+    finetune_epochs: float = 0.0
+    finetune_seconds: float = 0.0
+    finetune_lr: float = 1e-4
+    cost_precision: str = "fp32"
+    cost_repeats: int = 200
+    opset: int = 17
+
+    def __post_init__(self):
+        if isinstance(self.after, str) and self.after != "auto":
+            raise ValueError(f"after = {self.after!r}: give a list of block names or 'auto'")
+        if not isinstance(self.after, str) and not self.after:
+            raise ValueError("after = []: name at least one block to exit after, or 'auto'")
+        if self.head not in ee.HEAD_KINDS:
+            raise ValueError(f"head {self.head!r} unknown; use one of {ee.HEAD_KINDS}")
+        if self.pool < 1 or self.head_width < 0:
+            raise ValueError(f"pool {self.pool} must be >= 1 and head_width {self.head_width} >= 0")
+        if self.budget < 0:
+            raise ValueError(f"budget {self.budget} must be >= 0 (top-1 points)")
+        if any(t < 0 for t in self.thresholds):
+            raise ValueError(f"thresholds {self.thresholds} must be >= 0 (above 1: never exit)")
+        if self.train_count < 1 or self.threshold_count < 1 or self.epochs < 1:
+            raise ValueError("train_count, threshold_count and epochs must be >= 1")
+        if self.finetune_epochs < 0 or self.finetune_seconds < 0:
+            raise ValueError("finetune_epochs and finetune_seconds must be >= 0")
+        if self.cost_precision not in COST_PRECISIONS:
+            raise ValueError(f"cost_precision {self.cost_precision!r} unknown; use {COST_PRECISIONS}")
+        if self.cost_repeats < 5:
+            raise ValueError(f"cost_repeats {self.cost_repeats} must be >= 5")
+
+
+class EarlyExitPass:
+    name = "early_exit"
+    consumes = "torch"
+    produces = "onnx"
+    Params = EarlyExitParams
+    search_space = {"budget": [0.5, 1.0, 2.0]}
+
+    def supports(self, target) -> str | None:
+        if "onnxruntime" not in target.backends:
+            return "the early-exit cascade runs on onnxruntime, which the target does not list"
+        return None
+
+    def run(self, artifact: Artifact, params: EarlyExitParams, ctx: Context) -> Artifact:
+        head_data, choice_data = _splits(ctx.calibration, params)
+        graph = copy.deepcopy(ee.trace(artifact.payload))  # fine-tuning must not touch the input
+        points = ee.auto_points(graph) if params.after == "auto" else list(params.after)
+        if params.thresholds and len(params.thresholds) != len(points):
+            raise PassError(f"thresholds {params.thresholds} give {len(params.thresholds)} "
+                            f"values for {len(points)} exits {points}; give one per exit")
+        model, macs = _build(graph, points, params, ctx)
+        ctx.progress(f"early_exit: training {len(points)} heads on {len(head_data)} images")
+        started = time.perf_counter()
+        _train_heads(model, head_data, params, ctx)
+        finetuned = _finetune(model, artifact.payload, head_data, params, ctx)
+        deploy = model.deployable()
+        combined = onnx.load_from_string(ee.export_exit_model(deploy, ctx.input_spec.shape,
+                                                              params.opset))
+        costs = measure_costs(combined, len(points), params, ctx)
+        ctx.progress("early_exit: choosing thresholds")
+        outputs = run_graph(combined, choice_data, ctx.input_spec, len(points), features=False)
+        thresholds = list(params.thresholds) or ee.choose_thresholds(
+            outputs[1:], outputs[0], choice_data.labels, costs, params.budget)
+        choice = _evaluate_choice(outputs, choice_data.labels, thresholds, costs)
+        kept = list(range(len(points))) if params.thresholds else [
+            k for k in range(len(points)) if thresholds[k] <= 1.0 and choice["rates"][k] > 0]
+        path = ctx.workdir / f"{len(artifact.lineage):02d}-early_exit.onnx"
+        path.write_bytes(ee.export_exit_model(deploy.keep(kept), ctx.input_spec.shape,
+                                              params.opset))
+        cascade = {"exits": [{"after": points[k], "threshold": thresholds[k],
+                              "rate": choice["rates"][k], "head_macs": macs["heads"][k]}
+                             for k in kept],
+                   "expected_saving": choice["expected_saving"]}
+        report = _report(points, kept, thresholds, choice, costs, macs, head_data, choice_data,
+                         finetuned, time.perf_counter() - started)
+        ctx.progress(f"early_exit: {len(kept)} exits, expected saving "
+                     f"{choice['expected_saving'] * 100:.1f} %")
+        return artifact.derive("onnx", path, Step(self, params).lineage(report), cascade=cascade)
+
+
+def _splits(calibration: Dataset | None, params: EarlyExitParams) -> tuple[Dataset, Dataset]:
+    """Head-training and threshold-choice slices of the calibration split, disjoint."""
+    if calibration is None:
+        raise PassError("early_exit needs training data: give --data with a [calibration] split")
+    need = params.train_count + params.threshold_count
+    if len(calibration) < need:
+        raise PassError(f"early_exit needs train_count + threshold_count = {need} calibration "
+                        f"images, {calibration.origin} has {len(calibration)}; lower them")
+    heads = Dataset(calibration.images[:params.train_count],
+                    calibration.labels[:params.train_count], f"{calibration.origin}[heads]")
+    end = need
+    choice = Dataset(calibration.images[params.train_count:end],
+                     calibration.labels[params.train_count:end], f"{calibration.origin}[thresholds]")
+    return heads, choice
+
+
+def _build(graph, points, params, ctx) -> tuple[ee.ExitModel, dict]:
+    """Segments with fresh heads; checks that the segments chain to the original output."""
+    segments = ee.split_segments(graph, points)
+    torch.manual_seed(ctx.seed)
+    x = torch.from_numpy(preprocess(ctx.calibration.images[:4], ctx.input_spec))
+    heads, macs = [], {"segments": [], "heads": []}
+    feature = x
+    for segment in segments[:-1]:
+        seg_macs, feature = ee.count_macs(segment, feature)
+        head = ee.make_head(params.head, tuple(feature.shape[1:]), _classes(graph, x),
+                            params.pool, params.head_width)
+        macs["segments"].append(seg_macs)
+        macs["heads"].append(ee.count_macs(head.eval(), feature)[0])
+        heads.append(head)
+    macs["segments"].append(ee.count_macs(segments[-1], feature)[0])
+    model = ee.ExitModel(segments, heads).eval()
+    with torch.no_grad():
+        error = (model(x)[0] - graph(x)).abs().max().item()
+    if error > 1e-4:
+        raise PassError(f"the stages cut at {points} do not chain to the model's output "
+                        f"(max difference {error:.2e}); choose other exit points")
+    return model, macs
+
+
+def _classes(graph, x) -> int:
+    with torch.no_grad():
+        return int(graph(x[:1]).shape[1])
+
+
+def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx) -> None:
+    combined = onnx.load_from_string(ee.export_exit_model(model.deployable(), ctx.input_spec.shape,
+                                                          params.opset))
+    outputs = run_graph(combined, data, ctx.input_spec, len(model.heads), features=True)
+    k = len(model.heads)
+    teacher, features = outputs[0], outputs[1 + k:]
+    for j, head in enumerate(model.heads):
+        settings = ee.TrainSettings(params.epochs, params.lr, temperature=params.temperature,
+                                    seed=ctx.seed + j)
+        ee.train_head(head, features[j], teacher, data.labels, settings)
+
+
+def _finetune(model, source, data: Dataset, params, ctx) -> dict:
+    if not params.finetune_epochs:
+        return {}
+    teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(source)
+    ctx.progress("early_exit: fine-tuning backbone and heads jointly")
+    settings = ee.TrainSettings(temperature=params.temperature, seed=ctx.seed)
+    return ee.finetune_jointly(model, teacher, data.images, data.labels,
+                               lambda images: preprocess(images, ctx.input_spec), settings,
+                               params.finetune_epochs, params.finetune_seconds, params.finetune_lr)
+
+
+def _session(model: onnx.ModelProto | bytes | str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_graph(combined: onnx.ModelProto, data: Dataset, spec, exits: int, features: bool,
+              batch: int = 100) -> list[np.ndarray]:
+    """Run the early-exit graph over ``data``: [logits, exit_0.., (feature_0.. as float16)]."""
+    session = _session(combined)
+    names = ["logits", *[f"exit_{k}" for k in range(exits)]]
+    names += [f"feature_{k}" for k in range(exits)] if features else []
+    chunks = [[] for _ in names]
+    for i in range(0, len(data), batch):
+        outputs = session.run(names, {"input": preprocess(data.images[i:i + batch], spec)})
+        for store, (name, out) in zip(chunks, zip(names, outputs)):
+            store.append(out.astype(np.float16) if name.startswith("feature") else out)
+    return [np.concatenate(c) for c in chunks]
+
+
+def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.CostModel:
+    """Batch-1 latency (ms) of each backbone segment, each head and one runtime call."""
+    if params.cost_precision == "int8":
+        combined = _quantized(combined, ctx)
+    full = [_session(s) for s in stage_graphs(combined, exits, heads=True)]
+    bare = [_session(s) for s in stage_graphs(combined, exits, heads=False)]
+    x = preprocess(ctx.calibration.images[:1], ctx.input_spec)
+    inputs = []
+    for session in bare:
+        inputs.append(x)
+        x = session.run(None, {session.get_inputs()[0].name: x})[0]
+    noop = _session(_identity_graph(inputs[0].shape))
+    runs = [(noop, inputs[0])] + [(s, inputs[k]) for k, s in enumerate(bare)] + [
+        (s, inputs[k]) for k, s in enumerate(full[:-1])]
+    times = _quartile_times(runs, params.cost_repeats)
+    call, bare_ms, full_ms = times[0], times[1:exits + 2], times[exits + 2:]
+    return ee.CostModel(segments=tuple(max(t - call, 1e-4) for t in bare_ms),
+                        heads=tuple(max(f - b, 0.0) for f, b in zip(full_ms, bare_ms)),
+                        call=call)
+
+
+def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
+    from edgec.passes.quantize import QuantizeParams, quantize_int8
+
+    source = ctx.workdir / "early_exit-costs.onnx"
+    target = ctx.workdir / "early_exit-costs-int8.onnx"
+    onnx.save(combined, str(source))
+    images = ctx.calibration.images[:64]
+    batches = [preprocess(images[i:i + 32], ctx.input_spec) for i in range(0, len(images), 32)]
+    quantize_int8(source, target, batches, QuantizeParams(calibration_count=len(images)))
+    model = onnx.load(str(target))
+    source.unlink()
+    target.unlink()
+    return model
+
+
+def _identity_graph(shape) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "call", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _quartile_times(runs, repeats: int) -> list[float]:
+    """Lower-quartile ms per (session, input), runs interleaved so machine noise hits all
+    alike; the lower quartile because other processes only ever add time."""
+    prepared = [(s.run, {s.get_inputs()[0].name: x}) for s, x in runs]
+    for run, feed in prepared * 5:
+        run(None, feed)
+    samples = [[] for _ in prepared]
+    for _ in range(repeats):
+        for store, (run, feed) in zip(samples, prepared):
+            t0 = time.perf_counter()
+            run(None, feed)
+            store.append((time.perf_counter() - t0) * 1e3)
+    return [float(np.percentile(s, 25)) for s in samples]
+
+
+def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
+    final, exit_logits = outputs[0], outputs[1:]
+    conf = [ee.confidence(z) for z in exit_logits]
+    exit_at = ee.cascade_exits(conf, thresholds)
+    correct = ee.cascade_correct(exit_at, [np.argmax(z, 1) == labels for z in exit_logits],
+                                 np.argmax(final, 1) == labels)
+    enabled = [k for k, t in enumerate(thresholds) if t <= 1.0]
+    expected = costs.expected(exit_at, enabled)
+    counts = np.bincount(exit_at, minlength=len(thresholds) + 1)
+    plain_top1 = float((np.argmax(final, 1) == labels).mean())
+    return {"rates": [float(c) / len(labels) for c in counts[:-1]],
+            "histogram": [int(c) for c in counts],
+            "plain_top1": plain_top1, "cascade_top1": float(correct.mean()),
+            "expected_ms": expected, "plain_ms": costs.plain(),
+            "expected_saving": 1.0 - expected / costs.plain()}
+
+
+def _report(points, kept, thresholds, choice, costs, macs, head_data, choice_data, finetuned,
+            seconds) -> dict:
+    plain_macs = sum(macs["segments"])
+    return {
+        "exits": [{"after": points[k], "threshold": round(thresholds[k], 6),
+                   "rate": round(choice["rates"][k], 4), "kept": k in kept,
+                   "head_macs": macs["heads"][k], "segment_macs": macs["segments"][k],
+                   "segment_ms": round(costs.segments[k], 4), "head_ms": round(costs.heads[k], 4)}
+                  for k in range(len(points))],
+        "final_segment_ms": round(costs.segments[-1], 4), "call_ms": round(costs.call, 4),
+        "plain_macs": plain_macs,
+        "threshold_split": {"data": choice_data.origin, "images": len(choice_data),
+                            "plain_top1": choice["plain_top1"],
+                            "cascade_top1": choice["cascade_top1"],
+                            "histogram": choice["histogram"]},
+        "expected_ms": round(choice["expected_ms"], 4), "plain_ms": round(choice["plain_ms"], 4),
+        "expected_saving": round(choice["expected_saving"], 4),
+        "heads_trained_on": head_data.origin, "finetune": finetuned, "seconds": round(seconds, 1),
+    }

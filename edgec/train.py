@@ -1,0 +1,162 @@
+"""Short fine-tuning by knowledge distillation from a teacher, under an epoch and a time budget.
+
+Used by passes that change a trained model (prune, early_exit) to recover accuracy on the
+training split. Generic: any student/teacher pair with the same logits, any Dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgec.data import Dataset, preprocess
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What a fine-tune did: steps, images seen, epochs (fractional), seconds, final loss."""
+
+    steps: int
+    images: int
+    epochs: float
+    seconds: float
+    loss: float
+    stopped_by: str  # "epochs" or "time"
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "images": self.images, "epochs": round(self.epochs, 3),
+                "seconds": round(self.seconds, 1), "loss": round(self.loss, 4),
+                "stopped_by": self.stopped_by}
+
+
+def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float):
+    """Hinton et al.: alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·CE(student, labels)."""
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: Dataset,
+            input_spec, epochs: float = 1.0, time_budget_s: float = 600.0, lr: float = 0.01,
+            batch: int = 128, temperature: float = 4.0, alpha: float = 0.9, seed: int = 0,
+            progress: bool | Callable[[str], None] = True,
+            parameters: list[torch.nn.Parameter] | None = None,
+            after_step: Callable[[], None] | None = None,
+            device: str = "cpu") -> DistillResult:
+    """Fine-tune ``student`` (in place) towards ``teacher``'s soft labels and the true labels.
+
+    SGD with momentum and a cosine learning rate that reaches zero when either ``epochs`` or
+    ``time_budget_s`` runs out, whichever comes first. ``teacher=None`` trains on labels only.
+    ``parameters`` restricts training (default: all of the student's); ``after_step`` runs
+    after every optimiser step (e.g. to re-apply a sparsity mask). ``progress`` is True for a
+    rich progress bar, a callable for one-line messages, or False.
+    """
+    if len(dataset) == 0 or epochs <= 0 or time_budget_s <= 0:
+        return DistillResult(0, 0, 0.0, 0.0, float("nan"), "epochs")
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed)
+    params = parameters if parameters is not None else list(student.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps_per_epoch = math.ceil(len(dataset) / batch)
+    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    # channels-last convolutions train about 20 % faster on CPU (oneDNN)
+    student.to(device, memory_format=torch.channels_last).train()
+    if teacher is not None:
+        teacher.to(device, memory_format=torch.channels_last).eval()
+    started = time.perf_counter()
+    step, images, loss_value, stopped_by = 0, 0, float("nan"), "epochs"
+    with _Progress(progress, total_steps) as bar:
+        while step < total_steps:
+            permutation = order.permutation(len(dataset))
+            for start in range(0, len(dataset), batch):
+                elapsed = time.perf_counter() - started
+                if step >= total_steps:
+                    break
+                if elapsed >= time_budget_s:
+                    stopped_by = "time"
+                    break
+                done = max(step / total_steps, elapsed / time_budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
+                index = np.sort(permutation[start:start + batch])
+                x = torch.from_numpy(preprocess(dataset.images[index], input_spec)).to(device)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = torch.from_numpy(dataset.labels[index]).to(device)
+                loss = _step(student, teacher, optimizer, x, y, temperature, alpha)
+                if after_step is not None:
+                    after_step()
+                step, images, loss_value = step + 1, images + len(index), loss
+                bar.advance(step, done, f"loss {loss:.3f}")
+            if stopped_by == "time":
+                break
+    student.to(memory_format=torch.contiguous_format).eval()
+    if teacher is not None:
+        teacher.to(memory_format=torch.contiguous_format)
+    seconds = time.perf_counter() - started
+    return DistillResult(step, images, images / len(dataset), seconds, loss_value, stopped_by)
+
+
+def _step(student, teacher, optimizer, x, y, temperature, alpha) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    logits = student(x)
+    if teacher is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        loss = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+class _Progress:
+    """A rich progress bar, or one-line messages every 5 %, or nothing."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.bar, self.task, self.last = progress, total, None, None, -1
+
+    def __enter__(self):
+        if self.progress is True:
+            from rich.errors import LiveError
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            bar = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.description}"), TimeElapsedColumn(),
+                           TimeRemainingColumn(), transient=True)
+            try:
+                bar.start()
+            except LiveError:  # another live display (e.g. edgec build's spinner) owns the screen
+                return self
+            self.bar, self.task = bar, bar.add_task("", total=self.total)
+        return self
+
+    def advance(self, step: int, done: float, message: str) -> None:
+        """``done``: fraction of the budget used (steps or time, whichever is further)."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=message)
+        elif callable(self.progress):
+            percent = int(100 * done)
+            if percent // 5 != self.last:
+                self.last = percent // 5
+                self.progress(f"fine-tune {percent} % of budget, step {step}, {message}")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()

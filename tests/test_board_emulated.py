@@ -1,0 +1,142 @@
+"""The emulated Raspberry Pi as a real SSH board: the arm64 root (scripts/make-arm64-root.sh) runs
+its own aarch64 sshd under qemu-user, in a network namespace at 10.77.9.2, and edgec profiles and
+evaluates the rpi4 ResNet-20 artifact there end to end with SSHDevice.
+
+Run by hand (root): ``python -m pytest tests/test_board_emulated.py -m board -q``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgec.build import BuildRequest, build
+from edgec.devices import LocalDevice
+from edgec.devices.ssh import SSHDevice
+from edgec.measure import MeasureSpec
+from tests import sshd
+from tests.conftest import EXAMPLES, ROOT, shared_file
+
+ARM64_ROOT = Path(os.environ.get("EDGEC_ARM64_ROOT", ROOT / ".board" / "arm64-root"))
+HOST_IP, BOARD_IP = "10.77.9.1", "10.77.9.2"  # our own namespace's addresses, nothing else
+BOARD_PYTHON = "/usr/bin/python3"  # the root's python3; its wheels come through a .pth file
+EVAL_IMAGES = 200
+
+pytestmark = [pytest.mark.board, pytest.mark.slow]
+
+
+def _missing_reason() -> str:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("chroot"):
+        return "the emulated board needs root, chroot and util-linux unshare"
+    if not (ARM64_ROOT / ".edgec-ready-v1").is_file():
+        return f"no arm64 root at {ARM64_ROOT}; run scripts/make-arm64-root.sh (as root)"
+    if not (ARM64_ROOT / "usr" / "sbin" / "sshd").is_file():
+        return (f"the arm64 root at {ARM64_ROOT} has no sshd; run scripts/make-arm64-root.sh "
+                f"(as root) to install openssh-server in it")
+    return sshd.missing_reason() or sshd.Namespace.missing_reason()
+
+
+class ChrootSSHServer(sshd.SSHServer):
+    """The root's own aarch64 sshd (under qemu), chrooted into the root, in ``netns``.
+
+    Its keys and config live in ``<root>/tmp/<name>``; the config names them by their paths
+    inside the root. /proc is mounted in a private mount namespace (never /sys: onnxruntime's
+    cpuinfo reads the host's x86 topology there under qemu and crashes).
+    """
+
+    def __init__(self, arm64_root: Path, name: str, host: str, netns: str):
+        self.arm64_root, self.inside = arm64_root, f"/tmp/{name}"
+        super().__init__(arm64_root / "tmp" / name, host=host, netns=netns)
+        self.config.write_text(self.config.read_text().replace(str(self.root), self.inside))
+
+    def start(self) -> ChrootSSHServer:
+        (self.arm64_root / "run" / "sshd").mkdir(parents=True, exist_ok=True)
+        config = f"{self.inside}/sshd_config"
+        script = ('mount -t proc proc "$0/proc" && '
+                  'exec chroot "$0" /usr/sbin/sshd -D -e -f "$1"')
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, "unshare", "-m", "sh", "-c", script,
+                 str(self.arm64_root), config], stdout=log, stderr=log)
+        deadline = time.monotonic() + 120  # an emulated sshd is slow to come up
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"board sshd exited: {self.log.read_text()[-2000:]}")
+            if self._speaks():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"board sshd did not start on {self.host}:{self.port}")
+
+
+@pytest.fixture(scope="module")
+def emulated_board():
+    """The arm64 root's sshd at 10.77.9.2 in its own namespace; sshd and namespace always go."""
+    reason = _missing_reason()
+    if reason:
+        pytest.skip(reason)
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():  # lost at reboot
+        subprocess.run(["bash", str(ROOT / "scripts" / "make-arm64-root.sh"), str(ARM64_ROOT)],
+                       check=True, capture_output=True)
+    namespace = sshd.Namespace()
+    namespace.host_ip, namespace.board_ip = HOST_IP, BOARD_IP
+    name = f"edgec-board-{os.getpid()}"
+    server = None
+    try:
+        namespace.create()
+        server = ChrootSSHServer(ARM64_ROOT, name, host=BOARD_IP, netns=namespace.name).start()
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        namespace.delete()
+        shutil.rmtree(ARM64_ROOT / "tmp" / name, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rpi4_artifact(tmp_path_factory):
+    """ResNet-20 int8 for the rpi4 target (onnxruntime), calibrated on the training split."""
+    out = tmp_path_factory.mktemp("rpi4-build")
+    data = out / "data.toml"
+    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 512\n'
+                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\n'
+                    f'count = {EVAL_IMAGES}\n')
+    result = build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml",
+                                target="rpi4", recipe=ROOT / "passes" / "int8.toml", data=data,
+                                profile=False, out=out / "artifact"))
+    return result.directory
+
+
+def test_emulated_rpi4_profiles_and_evaluates_over_ssh(emulated_board, rpi4_artifact,
+                                                        cifar_test, tmp_path):
+    assert emulated_board.host == BOARD_IP  # only our own namespace is ever targeted
+    config = sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                               name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                               connect_timeout_s=60.0, command_timeout_s=900.0)
+    images = tmp_path / "images.npz"
+    np.savez(images, images=cifar_test.images[:EVAL_IMAGES],
+             labels=cifar_test.labels[:EVAL_IMAGES])
+    started = time.monotonic()
+    with SSHDevice(config) as device:
+        facts = device.facts()
+        measurement = device.measure(rpi4_artifact, MeasureSpec(warmup=3, repeat=20,
+                                                                min_time_s=0.0))
+        on_board = device.evaluate(rpi4_artifact, str(images))
+    here = LocalDevice().evaluate(rpi4_artifact, str(images))
+    print(f"\nemulated rpi4: {facts.get('arch')} {facts.get('os')}, runtimes "
+          f"{facts.get('runtimes')}; ResNet-20 int8 p50 {measurement.p50:.2f} ms "
+          f"(n={len(measurement.samples_ms)}), top-1 {on_board['top1']:.3f} on "
+          f"{on_board['total']} images; {time.monotonic() - started:.0f} s over SSH")
+    assert facts["arch"] == "aarch64"
+    assert facts["runtimes"].get("onnxruntime")
+    assert len(measurement.samples_ms) >= 20 and math.isfinite(measurement.p50)
+    assert measurement.p50 > 0
+    assert on_board["total"] == here["total"] == EVAL_IMAGES
+    assert on_board["predictions_sha256"] == here["predictions_sha256"], (on_board, here)
+    assert device.uploads == 2  # the artifact and the images, once each

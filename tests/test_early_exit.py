@@ -1,0 +1,235 @@
+"""early_exit pass, cascade backend and runner: real digits CNN and real ResNet-20 / CIFAR-10."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgec import exits as ee
+from edgec.artifact import Artifact
+from edgec.backends.cascade import stage_graphs
+from edgec.build import BuildRequest, build, write_artifact
+from edgec.config import from_dict
+from edgec.data import Dataset, preprocess
+from edgec.devices import LocalDevice
+from edgec.errors import ConfigError, PassError
+from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, run_graph
+from edgec.passes.fuse import FuseParams, FusePass
+from edgec.passes.quantize import QuantizeParams, QuantizePass
+from edgec.pipeline import Context, Pipeline, Step
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits" / "model.toml"
+DIGITS_EXIT = {"after": ("conv1",), "train_count": 800, "threshold_count": 400, "epochs": 3,
+               "cost_repeats": 20}
+
+
+@pytest.fixture(scope="module")
+def digits_data(digits_config):
+    from edgec.data import load_data_config
+
+    data = load_data_config(digits_config.resolve(digits_config.data))
+    return data.load("calibration"), data.load("evaluation")
+
+
+def _run(model, spec, calibration, tmp_path, params, quantize=False, target=None):
+    from edgec.targets import load_target
+
+    steps = [Step(FusePass(), FuseParams()), Step(EarlyExitPass(), params)]
+    if quantize:
+        steps.append(Step(QuantizePass(), QuantizeParams(calibration_count=128)))
+    ctx = Context(target or load_target("local"), spec, calibration, tmp_path, baseline=model)
+    return Pipeline(steps).run(Artifact("torch", model), ctx)
+
+
+def _deploy(artifact, config, tmp_path, evaluation):
+    from edgec.targets import load_target
+
+    directory = tmp_path / "artifact"
+    directory.mkdir()
+    write_artifact(artifact, config, load_target("local"), [], directory)
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, images=evaluation.images, labels=evaluation.labels)
+    return directory, npz
+
+
+def _cascade(directory):
+    """The artifact's own runner classes, loaded in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("artifact_runner", directory / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    runner.HERE = directory
+    files = json.loads((directory / "manifest.json").read_text())["entry"]["files"]
+    return runner.load_cascade(files, 1)[0]
+
+
+def test_heads_train_deterministically(digits_model, digits_config, digits_data):
+    calibration = digits_data[0]
+    segments = ee.split_segments(ee.trace(digits_model), ["conv1"])
+    x = torch.from_numpy(preprocess(calibration.images, digits_config.input))
+    with torch.no_grad():
+        features = segments[0](x).numpy().astype(np.float16)
+        teacher = digits_model(x).numpy()
+
+    def trained(seed):
+        torch.manual_seed(123)  # the head's initial weights; training must not depend on more
+        head = ee.make_head("mlp", features.shape[1:], 10, 2, 32)
+        settings = ee.TrainSettings(epochs=2, seed=seed)
+        return ee.train_head(head, features, teacher, calibration.labels, settings).state_dict()
+
+    first, again, other = trained(0), trained(0), trained(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_thresholds_above_one_equal_the_plain_model(digits_model, digits_config, digits_data,
+                                                     tmp_path):
+    calibration, evaluation = digits_data
+    params = EarlyExitParams(**DIGITS_EXIT, thresholds=(1.5,))
+    built = _run(digits_model, digits_config.input, calibration, tmp_path, params)
+    directory, _ = _deploy(built, digits_config, tmp_path, evaluation)
+    cascade = _cascade(directory)
+    x = preprocess(evaluation.images, digits_config.input)
+    logits = cascade(x)
+    with torch.no_grad():
+        plain = digits_model(torch.from_numpy(x)).numpy()
+    assert cascade.exits == [0, len(x)]
+    assert np.array_equal(np.argmax(logits, 1), np.argmax(plain, 1))
+    assert np.abs(logits - plain).max() < 1e-4
+
+
+def test_thresholds_of_zero_leave_at_the_first_exit(digits_model, digits_config, digits_data,
+                                                     tmp_path):
+    calibration, evaluation = digits_data
+    params = EarlyExitParams(**DIGITS_EXIT, thresholds=(0.0,))
+    built = _run(digits_model, digits_config.input, calibration, tmp_path, params, quantize=True)
+    directory, npz = _deploy(built, digits_config, tmp_path, evaluation)
+    result = LocalDevice().evaluate(directory, str(npz))
+    assert result["exits"] == [len(evaluation), 0]
+    onnx_head = onnx.load(str(built.payload))
+    assert any(n.op_type == "QuantizeLinear" for n in onnx_head.graph.node)  # int8 stages
+
+
+def test_budget_zero_keeps_threshold_split_accuracy(resnet20, resnet20_config, cifar_train_slice,
+                                                    tmp_path):
+    params = EarlyExitParams(after=("layer2.2", "layer3.1"), budget=0.0, train_count=1200,
+                             threshold_count=800, epochs=2, cost_repeats=20)
+    built = _run(resnet20, resnet20_config.input, cifar_train_slice, tmp_path, params)
+    report = built.lineage[-1].report
+    split = report["threshold_split"]
+    assert split["cascade_top1"] >= split["plain_top1"]
+    assert sum(split["histogram"]) == 800
+    assert report["expected_saving"] >= 0.0
+    kept = [e for e in report["exits"] if e["kept"]]
+    assert [e["after"] for e in built.extras["cascade"]["exits"]] == [e["after"] for e in kept]
+    assert all(e["rate"] > 0 for e in kept)  # a ramp that never fires is dropped
+
+
+def test_stage_graphs_chain_to_the_original_logits(resnet20, resnet20_config, cifar_train_slice):
+    graph = ee.trace(resnet20)
+    points = ["layer1.2", "layer2.2", "layer3.0"]
+    segments = ee.split_segments(graph, points)
+    heads = [ee.make_head("linear", shape, 10, 1, 0) for shape in
+             ((16, 32, 32), (32, 16, 16), (64, 8, 8))]
+    model = ee.ExitModel(segments, heads).eval()
+    combined = onnx.load_from_string(ee.export_exit_model(model, resnet20_config.input.shape))
+    sessions = [_session(s) for s in stage_graphs(combined, len(points))]
+    images = Dataset(cifar_train_slice.images[:64], cifar_train_slice.labels[:64], "slice")
+    x = preprocess(images.images, resnet20_config.input)
+    for session in sessions[:-1]:
+        x, _, confidence = session.run(None, {session.get_inputs()[0].name: x})
+        assert confidence.shape == (64,) and np.all((confidence > 0) & (confidence <= 1))
+    chained = sessions[-1].run(None, {sessions[-1].get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        original = resnet20(torch.from_numpy(preprocess(images.images,
+                                                        resnet20_config.input))).numpy()
+    assert np.abs(chained - original).max() < 1e-4
+    whole = run_graph(combined, images, resnet20_config.input, len(points), features=False)[0]
+    assert np.abs(whole - original).max() < 1e-4
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_build_reports_what_the_runner_reproduces(tmp_path):
+    recipe = tmp_path / "exit.toml"
+    recipe.write_text('name = "exit-int8-digits"\n[[step]]\npass = "fuse"\n'
+                      '[[step]]\npass = "early_exit"\nafter = ["conv1"]\nthresholds = [0.9]\n'
+                      'train_count = 800\nthreshold_count = 400\nepochs = 2\ncost_repeats = 20\n'
+                      '[[step]]\npass = "quantize"\ncalibration_count = 128\n')
+    result = build(BuildRequest(DIGITS, "local", recipe, out=tmp_path / "out", profile=False))
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    assert manifest["entry"]["backend"] == "cascade"
+    accuracy = manifest["accuracy"]
+    assert len(accuracy["exits"]) == 2 and sum(accuracy["exits"]) == accuracy["total"]
+    npz = tmp_path / "eval.npz"
+    from edgec.data import load_data_config
+    from edgec.model import load_model_config
+
+    config = load_model_config(DIGITS)
+    evaluation = load_data_config(config.resolve(config.data)).load("evaluation")
+    np.savez(npz, images=evaluation.images, labels=evaluation.labels)
+    again = LocalDevice().evaluate(result.directory, str(npz))
+    assert (again["correct"], again["exits"], again["predictions_sha256"]) == (
+        accuracy["correct"], accuracy["exits"], accuracy["predictions_sha256"])
+    stream = LocalDevice().run_runner(result.directory, ["measure", "--data", str(npz),
+                                                         "--warmup", "3", "--repeat", "500",
+                                                         "--min-time", "0"])
+    assert stream["exits"] == accuracy["exits"] and len(stream["samples_ms"]) == 500
+
+
+def test_bad_exit_point_names_the_known_blocks(digits_model, digits_config, digits_data, tmp_path):
+    params = EarlyExitParams(**{**DIGITS_EXIT, "after": ("conv9",)})
+    with pytest.raises(PassError, match="conv9.*known: .*conv1"):
+        _run(digits_model, digits_config.input, digits_data[0], tmp_path, params)
+
+
+def test_too_little_calibration_data_is_one_clear_error(digits_model, digits_config, digits_data,
+                                                       tmp_path):
+    params = EarlyExitParams(**{**DIGITS_EXIT, "train_count": 5000})
+    with pytest.raises(PassError, match="train_count \\+ threshold_count = 5400"):
+        _run(digits_model, digits_config.input, digits_data[0], tmp_path, params)
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"head": "resnet"}, "head 'resnet' unknown"),
+    ({"after": "everywhere"}, "block names or 'auto'"),
+    ({"budget": -1}, "budget -1"),
+    ({"cost_precision": "int4"}, "cost_precision 'int4'"),
+    ({"tresholds": [0.9]}, "did you mean 'thresholds'"),
+])
+def test_params_errors(table, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(EarlyExitParams, table, "recipe.toml step 2 (early_exit)")
+
+
+def test_auto_points_are_stage_ends(resnet20):
+    assert ee.auto_points(ee.trace(resnet20)) == ["layer1", "layer2"]
+
+
+def test_joint_finetune_runs_within_its_budget(digits_model, digits_config, digits_data, tmp_path):
+    before = {k: v.clone() for k, v in digits_model.state_dict().items()}
+    params = EarlyExitParams(**DIGITS_EXIT, thresholds=(0.95,), finetune_epochs=0.5,
+                             finetune_seconds=30)
+    built = _run(digits_model, digits_config.input, digits_data[0], tmp_path, params)
+    done = built.lineage[-1].report["finetune"]
+    assert 350 <= done["images"] <= 450 and done["seconds"] <= 31
+    after = digits_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the input model is untouched
+
+
+def test_cut_inside_a_residual_block_is_refused(resnet20):
+    with pytest.raises(PassError, match="cannot cut after layer1.0.conv1.*skip connection"):
+        ee.split_segments(ee.trace(resnet20), ["layer1.0.conv1"])
+    with pytest.raises(PassError, match="not in execution order"):
+        ee.split_segments(ee.trace(resnet20), ["layer2.2", "layer1.2"])

@@ -1,0 +1,92 @@
+"""Built-in targets: every file loads, names real backends, and bad fields are clear errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edgec.errors import ConfigError
+from edgec.targets import load_target, target_paths
+
+BOARDS = ["rpi4", "rpi5", "jetson-orin-nano", "android-arm64", "pynq-z2", "local"]
+
+
+def test_every_board_of_the_issue_has_a_target():
+    assert set(BOARDS) <= set(target_paths())
+
+
+@pytest.mark.parametrize("name", BOARDS)
+def test_target_loads_with_one_rate_per_precision(name):
+    target = load_target(name)
+    assert target.name == name
+    assert set(target.peak_gmacs) == set(target.precisions)
+    assert target.backends and target.cores >= 1 and target.memory_mb >= 256
+
+
+def test_every_backend_named_by_a_target_is_registered():
+    from edgec.backends import BACKENDS
+
+    missing = {name: [b for b in load_target(name).backends if b not in BACKENDS]
+               for name in target_paths()}
+    assert not {k: v for k, v in missing.items() if v}, f"unregistered backends: {missing}"
+
+
+def test_rpi5_extends_rpi4_and_merges_tables():
+    rpi4, rpi5 = load_target("rpi4"), load_target("rpi5")
+    assert rpi5.isa == rpi4.isa == "aarch64"
+    assert rpi5.tvm_target["mtriple"] == "aarch64-linux-gnu"  # inherited
+    assert rpi5.tvm_target["mcpu"] == "cortex-a76"  # overridden
+    assert rpi5.peak_gmacs["int8"] > rpi4.peak_gmacs["int8"]
+
+
+def test_cross_targets_do_not_run_on_this_host():
+    assert load_target("local").runs_on_host
+    assert not load_target("rpi4").runs_on_host
+    assert load_target("jetson-orin-nano").tvm_target["arch"] == "sm_87"
+
+
+def _copy_target(tmp_path, name: str, edit) -> str:
+    path = tmp_path / f"{name}.toml"
+    shutil.copyfile(target_paths()[name], path)
+    path.write_text(edit(path.read_text()))
+    return str(path)
+
+
+def test_missing_field_names_file_and_key(tmp_path):
+    path = _copy_target(tmp_path, "rpi4", lambda t: t.replace('cpu = "cortex-a72"\n', ""))
+    with pytest.raises(ConfigError, match=r"rpi4\.toml.*missing required key 'cpu'"):
+        load_target(path)
+
+
+@pytest.mark.parametrize("old,new,key", [
+    ("cores = 4", 'cores = "four"', "cores"),
+    ("cores = 4", "cores = 0", "cores"),
+    ('precisions = ["fp32", "int8"]', 'precisions = ["fp32", "int7"]', "precisions"),
+    ("int8 = 96.0", "int16 = 96.0", "peak_gmacs"),
+    ('backends = ["onnxruntime", "tvm"]', "backends = []", "backends"),
+    ('kind = "llvm"\n', "", "tvm_target"),
+])
+def test_invalid_field_names_file_and_key(tmp_path, old, new, key):
+    path = _copy_target(tmp_path, "rpi4", lambda t: t.replace(old, new))
+    with pytest.raises(ConfigError, match=rf"rpi4\.toml.*'{key}'"):
+        load_target(path)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = _copy_target(tmp_path, "rpi4", lambda t: t.replace("cores = 4", "coures = 4"))
+    with pytest.raises(ConfigError, match="did you mean 'cores'"):
+        load_target(path)
+
+
+def test_extends_is_one_level_only(tmp_path):
+    for name in ("rpi4", "rpi5"):
+        shutil.copyfile(target_paths()[name], tmp_path / f"{name}.toml")
+    (tmp_path / "rpi6.toml").write_text('extends = "rpi5"\ndescription = "x"\n')
+    with pytest.raises(ConfigError, match="one level only"):
+        load_target(str(tmp_path / "rpi6.toml"))
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="rpi4"):
+        load_target("raspberry-pi-4")
