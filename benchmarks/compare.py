@@ -26,6 +26,7 @@ from edgec.artifact import Artifact  # noqa: E402
 from edgec.build import BuildRequest, build, write_artifact  # noqa: E402
 from edgec.data import load_data_config, preprocess  # noqa: E402
 from edgec.devices import LocalDevice  # noqa: E402
+from edgec.errors import EdgecError  # noqa: E402
 from edgec.measure import MeasureSpec  # noqa: E402
 from edgec.model import load_model_config, load_torch_model  # noqa: E402
 from edgec.passes.export import export_onnx  # noqa: E402
@@ -79,7 +80,13 @@ def ort_baselines(model, config, target, calibration, evaluation, workdir):
 
 
 def edgec_row(model_path, recipe, workdir):
-    result = build(BuildRequest(model_path, "local", recipe, out=workdir / "builds", measure=SPEC))
+    try:
+        result = build(BuildRequest(model_path, "local", recipe, out=workdir / "builds",
+                                    measure=SPEC))
+    except EdgecError as exc:  # e.g. a budget the recipe cannot meet: report it as a row
+        print(f"edgec {recipe.stem}: {type(exc).__name__}: {exc}")
+        return f"edgec {recipe.stem} (failed: {type(exc).__name__})", float("nan"), \
+            float("nan"), float("nan"), None
     built = result.rows[-1]
     return (f"edgec {recipe.stem}", built.top1, built.latency.p50, built.latency.p90,
             built.size_bytes)

@@ -245,7 +245,8 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
                 latency = profiler.measure(tmp, _measure_spec(request.measure, manifest, eval_npz,
                                                                  request.device))
                 write_json(tmp / "profile.json", {"device": profiler.name, **latency.to_json()})
-            row = Row(f"built ({pipeline.name})", accuracy["top1"], manifest["size_bytes"], latency)
+            row = Row(f"built ({pipeline.name}{_subset_note(accuracy, eval_npz)})",
+                      accuracy["top1"], manifest["size_bytes"], latency)
             report = render_report(manifest, [reference, row])
             if request.profile and request.device == "local":
                 from edgec.analysis import efficiency_section
@@ -255,6 +256,14 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, manifest, row
+
+
+def _subset_note(accuracy: dict[str, Any], eval_npz: Path) -> str:
+    """", first N images" when the runner evaluated only part of the evaluation split."""
+    with np.load(eval_npz) as npz:
+        size = len(npz["labels"])
+    total = accuracy.get("total", size)
+    return "" if total == size else f", first {total} images"
 
 
 def format_top1(value: float | None) -> str:
