@@ -152,6 +152,11 @@ def preprocess(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return runner.preprocess(images, spec.to_json())
 
 
+def to_batches(dataset: Dataset, spec: InputSpec, size: int) -> list[np.ndarray]:
+    """The dataset pre-processed into consecutive batches of ``size`` images."""
+    return [preprocess(dataset.images[i:i + size], spec) for i in range(0, len(dataset), size)]
+
+
 def generated(spec: InputSpec, count: int, seed: int = 0) -> Dataset:
     """Random uint8 images of the model's input shape (for models without data)."""
     rng = np.random.default_rng(seed)

@@ -14,6 +14,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(EXAMPLES / "resnet20_cifar10"))
 
 
+def artifact_predict(directory: Path):
+    """predict(x) of the runner shipped inside an artifact: the code a board would run."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(f"runner_{directory.name}", directory / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    predict, _ = runner.load(json.loads((directory / "manifest.json").read_text()), 1)
+    return predict
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason it is missing."""
     from edgec.data import shared_data_dir

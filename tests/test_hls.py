@@ -8,7 +8,6 @@ CI runs the C simulation on the digits CNN (g++ compile ~30 s); ResNet-20 throug
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,19 +27,12 @@ from edgec.passes.fuse import fold_batchnorm
 from edgec.passes.hls_rewrite import HlsRewriteParams, rewrite_for_hls
 from edgec.targets import load_target
 
+from .conftest import artifact_predict
+
 ROOT = Path(__file__).resolve().parent.parent
 needs_hls4ml = pytest.mark.skipif(
     importlib.util.find_spec("hls4ml") is None or shutil.which("g++") is None,
     reason="hls4ml (pip install 'edgec[fpga]') or g++ is missing")
-
-
-def artifact_predict(directory: Path):
-    """predict(x) of the runner shipped inside the artifact (ctypes over csim.so)."""
-    spec = importlib.util.spec_from_file_location(f"runner_{directory.name}", directory / "runner.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    predict, _ = runner.load(json.loads((directory / "manifest.json").read_text()), 1)
-    return predict
 
 
 def test_rewrite_resnet20_is_exact_and_leaves_only_hls4ml_layers(resnet20):

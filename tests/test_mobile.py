@@ -7,7 +7,6 @@ top-1 within 1 point of the float model on 2,000 test images.
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,17 +26,10 @@ from edgec.passes.quantize_pt2e import QuantizePt2eParams, QuantizePt2ePass
 from edgec.pipeline import Context, Pipeline, Step
 from edgec.targets import load_target
 
+from .conftest import artifact_predict
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 2000
-
-
-def artifact_predict(directory: Path):
-    """predict(x) of the runner shipped inside the artifact (the code a board would run)."""
-    spec = importlib.util.spec_from_file_location(f"runner_{directory.name}", directory / "runner.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    predict, _ = runner.load(json.loads((directory / "manifest.json").read_text()), 1)
-    return predict
 
 
 @pytest.fixture(scope="module")

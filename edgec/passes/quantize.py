@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from edgec import hawq, zeroq
 from edgec.artifact import Artifact
-from edgec.data import Dataset, preprocess
+from edgec.data import Dataset, preprocess, to_batches
 from edgec.errors import BudgetError, DataError, PassError
 from edgec.pipeline import Context, Step
 
@@ -140,9 +140,8 @@ def calibration_batches(params: QuantizeParams, ctx: Context) -> tuple[list[np.n
             raise PassError("quantize calibration = 'data' needs a calibration split: give --data "
                             "with a [calibration] table, or set calibration = 'datafree'")
         images = ctx.calibration.head(params.calibration_count)
-        batches = [preprocess(images.images[i:i + params.batch], ctx.input_spec)
-                   for i in range(0, len(images), params.batch)]
-        return batches, {"calibration": images.origin, "calibration_images": len(images)}
+        report = {"calibration": images.origin, "calibration_images": len(images)}
+        return to_batches(images, ctx.input_spec, params.batch), report
     if params.mode == "mixed":
         raise PassError("mode 'mixed' measures accuracy on labelled calibration images; "
                         "data-free calibration works with mode 'int8' only")

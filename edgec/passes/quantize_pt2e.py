@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 from edgec.artifact import Artifact
-from edgec.data import preprocess
+from edgec.data import to_batches
 from edgec.errors import PassError, require
 from edgec.pipeline import Context, Step
 
@@ -47,9 +47,9 @@ class QuantizePt2ePass:
             raise PassError("quantize_pt2e needs calibration data: give --data with a "
                             "[calibration] split")
         calibration = ctx.calibration.head(params.calibration_count)
-        batches = [preprocess(calibration.images[i:i + params.batch], ctx.input_spec)
-                   for i in range(0, len(calibration), params.batch)]
-        model = quantize_int8_pt2e(artifact.payload, batches, params.per_channel)
+        model = quantize_int8_pt2e(artifact.payload,
+                                   to_batches(calibration, ctx.input_spec, params.batch),
+                                   params.per_channel)
         report = {"calibration": calibration.origin, "calibration_images": len(calibration),
                   "quantizer": "XNNPACKQuantizer"}
         ctx.progress(f"quantize_pt2e: int8 calibrated on {len(calibration)} images")
