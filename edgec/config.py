@@ -36,6 +36,13 @@ def check_keys(data: dict[str, Any], allowed: typing.Iterable[str], where: str) 
             raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
 
 
+def check_choice(name: str, value: str, allowed: typing.Iterable[str]) -> None:
+    """Raise ValueError (a ConfigError once in :func:`from_dict`) unless ``value`` is allowed."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} unknown; use one of {allowed}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build the frozen dataclass ``cls`` from ``data``, checking keys and simple types.
 

@@ -27,6 +27,7 @@ import torch
 from edgec import exits as ee
 from edgec.artifact import Artifact
 from edgec.backends.cascade import stage_graphs
+from edgec.config import check_choice
 from edgec.data import Dataset, preprocess
 from edgec.errors import PassError
 from edgec.pipeline import Context, Step
@@ -85,8 +86,7 @@ class EarlyExitParams:
             raise ValueError("train_count, threshold_count and epochs must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_seconds < 0:
             raise ValueError("finetune_epochs and finetune_seconds must be >= 0")
-        if self.cost_precision not in COST_PRECISIONS:
-            raise ValueError(f"cost_precision {self.cost_precision!r} unknown; use {COST_PRECISIONS}")
+        check_choice("cost_precision", self.cost_precision, COST_PRECISIONS)
         if self.cost_repeats < 5:
             raise ValueError(f"cost_repeats {self.cost_repeats} must be >= 5")
 

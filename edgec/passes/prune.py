@@ -22,6 +22,7 @@ import torch
 from edgec.accuracy import top1, torch_logits
 from edgec.analysis import total_macs
 from edgec.artifact import Artifact
+from edgec.config import check_choice
 from edgec.data import Dataset, preprocess
 from edgec.errors import BudgetError, PassError
 from edgec.pipeline import Context, Step
@@ -70,12 +71,9 @@ class PruneParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} unknown; use one of {MODES}")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"importance {self.importance!r} unknown; use one of {IMPORTANCES}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope {self.scope!r} unknown; use one of {SCOPES}")
+        check_choice("mode", self.mode, MODES)
+        check_choice("importance", self.importance, IMPORTANCES)
+        check_choice("scope", self.scope, SCOPES)
         _check_ratio(self.ratio, "ratio")
         for name, value in self.stage_ratios.items():
             _check_ratio(value, f"stage_ratios[{name!r}]")

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from edgec import hawq, zeroq
 from edgec.artifact import Artifact
+from edgec.config import check_choice
 from edgec.data import Dataset, preprocess, to_batches
 from edgec.errors import BudgetError, DataError, PassError
 from edgec.pipeline import Context, Step
@@ -67,9 +68,9 @@ class QuantizeParams:
     synthetic_steps: int = 100
 
     def __post_init__(self):
-        _one_of("mode", self.mode, MODES)
-        _one_of("calibration", self.calibration, CALIBRATION_SOURCES)
-        _one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("calibration", self.calibration, CALIBRATION_SOURCES)
+        check_choice("calibration_method", self.calibration_method, CALIBRATION_METHODS)
         for name in ("calibration_count", "batch", "holdout_count", "hessian_count",
                      "hessian_samples", "synthetic_count", "synthetic_steps"):
             if getattr(self, name) < 1:
@@ -86,11 +87,6 @@ class QuantizeParams:
         if self.mode == "mixed" and not self.per_channel:
             raise ValueError("mode 'mixed' needs per_channel = true (int4 weights need "
                              "per-channel scales)")
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} {value!r} unknown; use one of {list(allowed)}")
 
 
 class QuantizePass:
