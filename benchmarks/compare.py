@@ -1,27 +1,40 @@
 """One run, one table: the same model and data through PyTorch, ONNX Runtime and edgec recipes.
 
-Top-1 on the full evaluation split; latency p50/p90 at batch 1, 1 thread (OMP_WAIT_POLICY=PASSIVE,
-ORT spinning off), every row measured by the same runner protocol in this one run.
+Rows: PyTorch eager fp32; ONNX Runtime fp32 and int8 (``quantize_static`` defaults); each edgec
+recipe (default: int8, datafree-int8, mixed, prune-int8, exit-int8); and, with
+``--prune-ratios``, prune-int8 at fixed ratios instead of its budget search (the pruning
+frontier: ratio vs MACs vs top-1 vs latency). Top-1 on the full evaluation split, from each
+artifact's own runner. Latency at batch 1, 1 thread (OMP_WAIT_POLICY=PASSIVE, ORT spinning
+off), all rows measured in this one run by the same runner protocol:
+- p50 / p90: one input repeated (the usual single-input latency);
+- stream mean: the whole evaluation split streamed in order, one image at a time (the number
+  that counts for early-exit cascades, whose cost depends on the image).
 
-    python benchmarks/compare.py [--model examples/resnet20_cifar10/model.toml]
-                                 [--recipe passes/int8.toml --recipe passes/mixed.toml ...]
+    nice -n 10 python benchmarks/compare.py [--model examples/resnet20_cifar10/model.toml]
+        [--recipe passes/int8.toml --recipe passes/exit-int8.toml ...] [--prune-ratios 0.3 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edgec.accuracy import onnx_logits, top1, torch_logits  # noqa: E402
+from edgec.analysis import total_macs  # noqa: E402
 from edgec.artifact import Artifact  # noqa: E402
 from edgec.build import BuildRequest, build, write_artifact  # noqa: E402
 from edgec.data import load_data_config, preprocess  # noqa: E402
@@ -32,11 +45,28 @@ from edgec.model import load_model_config, load_torch_model  # noqa: E402
 from edgec.passes.export import export_onnx  # noqa: E402
 from edgec.targets import load_target  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = MeasureSpec(warmup=50, repeat=300, min_time_s=2.0, threads=1)
+RECIPES = ("int8", "datafree-int8", "mixed", "prune-int8", "exit-int8")
 
 
-def torch_row(model, spec, evaluation):
+@dataclass
+class Row:
+    """One line of the table; ``directory`` is the artifact measured (None: PyTorch)."""
+
+    name: str
+    top1: float
+    macs: float | None = None
+    ratio: str = "-"
+    p50: float = float("nan")
+    p90: float = float("nan")
+    stream_mean: float = float("nan")
+    size: int | None = None
+    exits: str = "-"
+    directory: Path | None = None
+    note: str = ""
+
+
+def torch_row(model, spec, evaluation, macs) -> Row:
     torch.set_num_threads(1)
     x = torch.from_numpy(preprocess(evaluation.images[:1], spec))
     with torch.no_grad():
@@ -49,20 +79,19 @@ def torch_row(model, spec, evaluation):
             samples.append((time.perf_counter() - t0) * 1e3)
     torch.set_num_threads(2)
     accuracy = top1(torch_logits(model, evaluation, spec), evaluation.labels)
-    return ("PyTorch eager fp32", accuracy, statistics.median(samples),
-            float(np.percentile(samples, 90)), None)
+    return Row("PyTorch eager fp32", accuracy, macs, p50=statistics.median(samples),
+               p90=float(np.percentile(samples, 90)))
 
 
-def onnx_row(name, path, config, target, evaluation, workdir):
+def onnx_row(name, path, config, target, evaluation, workdir, macs) -> Row:
     directory = workdir / name.replace(" ", "_")
     directory.mkdir()
     manifest = write_artifact(Artifact("onnx", path), config, target, [], directory)
-    latency = LocalDevice().measure(directory, SPEC)
     accuracy = top1(onnx_logits(path, evaluation, config.input), evaluation.labels)
-    return name, accuracy, latency.p50, latency.p90, manifest["size_bytes"]
+    return Row(name, accuracy, macs, size=manifest["size_bytes"], directory=directory)
 
 
-def ort_baselines(model, config, target, calibration, evaluation, workdir):
+def ort_baselines(model, config, target, calibration, evaluation, workdir, macs) -> list[Row]:
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -74,46 +103,100 @@ def ort_baselines(model, config, target, calibration, evaluation, workdir):
                     for i in range(0, 512, 32)])
     reader = type("Reader", (), {"get_next": lambda self: next(batches, None)})()
     quantize_static(str(pre), str(int8), reader)
-    return [onnx_row("ONNX Runtime fp32", fp32, config, target, evaluation, workdir),
+    return [onnx_row("ONNX Runtime fp32", fp32, config, target, evaluation, workdir, macs),
             onnx_row("ONNX Runtime int8 (quantize_static defaults)", int8, config, target,
-                     evaluation, workdir)]
+                     evaluation, workdir, macs)]
 
 
-def edgec_row(model_path, recipe, workdir):
+def fixed_ratio_recipe(ratio: float, seconds: float, folder: Path) -> Path:
+    """passes/prune-int8.toml pruning ``ratio`` with ``seconds`` of fine-tuning, no budget."""
+    text = (ROOT / "passes" / "prune-int8.toml").read_text()
+    text, budgets = re.subn(r"(?m)^budget_points = .*$", f"ratio = {ratio}", text)
+    text, times = re.subn(r"(?m)^time_budget_s = .*$", f"time_budget_s = {seconds}", text)
+    assert budgets == 1 and times == 1, "passes/prune-int8.toml changed shape"
+    path = folder / f"prune-{ratio}-int8.toml"
+    path.write_text(text)
+    return path
+
+
+def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
+    name = f"edgec {recipe.stem}"
     try:
         result = build(BuildRequest(model_path, "local", recipe, out=workdir / "builds",
-                                    measure=SPEC))
+                                    profile=False),
+                       progress=lambda m: print(f"  [{recipe.stem}] {m}", flush=True))
     except EdgecError as exc:  # e.g. a budget the recipe cannot meet: report it as a row
-        print(f"edgec {recipe.stem}: {type(exc).__name__}: {exc}")
-        return f"edgec {recipe.stem} (failed: {type(exc).__name__})", float("nan"), \
-            float("nan"), float("nan"), None
-    built = result.rows[-1]
-    return (f"edgec {recipe.stem}", built.top1, built.latency.p50, built.latency.p90,
-            built.size_bytes)
+        print(f"{name}: {type(exc).__name__}: {exc}")
+        return Row(name, float("nan"), note=f"failed: {type(exc).__name__}: {exc}")
+    manifest = result.manifest
+    reports = {step["pass"]: step["report"] for step in manifest["lineage"]}
+    prune = reports.get("prune", {})
+    row = Row(name, manifest["accuracy"]["top1"], prune.get("macs_after", base_macs),
+              size=manifest["size_bytes"], directory=result.directory)
+    if "ratio" in prune:
+        row.ratio = f"{prune['ratio']}"
+    if "early_exit" in reports:
+        row.exits = "/".join(str(n) for n in manifest["accuracy"]["exits"])
+        row.macs = None  # depends on the image; see the exit histogram
+    return row
+
+
+def measure(rows: list[Row], test_npz: Path, count: int) -> None:
+    """p50/p90 on one input, then the mean over the streamed test split, row by row."""
+    device = LocalDevice()
+    stream = MeasureSpec(warmup=20, repeat=count, min_time_s=0.0, threads=1, data=str(test_npz))
+    for row in rows:
+        if row.directory is None:
+            continue
+        single = device.measure(row.directory, SPEC)
+        row.p50, row.p90 = single.p50, single.p90
+        row.stream_mean = device.measure(row.directory, stream).mean
+
+
+def print_table(model_name: str, count: int, rows: list[Row]) -> None:
+    base = next((r for r in rows if r.name == "edgec int8"), None)
+    print(f"\n{model_name}: top-1 on {count} images, batch 1, 1 thread\n")
+    print("| system | prune ratio | MACs (M) | top-1 | p50 ms | p90 ms | stream mean ms | "
+          "vs edgec int8 (stream) | size KiB | exits (per exit, final last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        size = f"{r.size / 1024:.1f}" if r.size else "-"
+        macs = f"{r.macs / 1e6:.2f}" if r.macs else "-"
+        versus = (f"{(r.stream_mean / base.stream_mean - 1) * 100:+.1f} %"
+                  if base and np.isfinite(r.stream_mean) else "-")
+        print(f"| {r.name} | {r.ratio} | {macs} | {r.top1 * 100:.2f} % | {r.p50:.3f} | "
+              f"{r.p90:.3f} | {r.stream_mean:.3f} | {versus} | {size} | {r.exits} |")
+    for r in rows:
+        if r.note:
+            print(f"{r.name}: {r.note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path,
                         default=ROOT / "examples" / "resnet20_cifar10" / "model.toml")
-    parser.add_argument("--recipe", type=Path, action="append")
+    parser.add_argument("--recipe", type=Path, action="append",
+                        help=f"recipe TOML (repeatable); default: passes/{{{','.join(RECIPES)}}}")
+    parser.add_argument("--prune-ratios", type=float, nargs="*", default=[])
+    parser.add_argument("--prune-seconds", type=float, default=600.0,
+                        help="fine-tune seconds of each --prune-ratios row")
     args = parser.parse_args()
-    recipes = args.recipe or [ROOT / "passes" / "int8.toml"]
+    recipes = args.recipe or [ROOT / "passes" / f"{name}.toml" for name in RECIPES]
     config = load_model_config(args.model)
     data = load_data_config(config.resolve(config.data))
     calibration, evaluation = data.load("calibration"), data.load("evaluation")
+    test_npz = (data.root / data.evaluation.path).resolve()
     model = load_torch_model(config)
+    macs = total_macs(model, config.input)
     target = load_target("local")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        rows = [torch_row(model, config.input, evaluation),
-                *ort_baselines(model, config, target, calibration, evaluation, workdir)]
-        rows += [edgec_row(args.model, recipe, workdir) for recipe in recipes]
-    print(f"\n{config.name}: top-1 on {len(evaluation)} images, batch 1, 1 thread\n")
-    print("| system | top-1 | p50 ms | p90 ms | size KiB |\n|---|---|---|---|---|")
-    for name, accuracy, p50, p90, size in rows:
-        size_text = f"{size / 1024:.1f}" if size else "-"
-        print(f"| {name} | {accuracy * 100:.2f} % | {p50:.3f} | {p90:.3f} | {size_text} |")
+        recipes += [fixed_ratio_recipe(r, args.prune_seconds, workdir) for r in args.prune_ratios]
+        rows = [torch_row(model, config.input, evaluation, macs),
+                *ort_baselines(model, config, target, calibration, evaluation, workdir, macs)]
+        rows += [edgec_row(args.model, recipe, workdir, macs) for recipe in recipes]
+        measure(rows, test_npz, len(evaluation))
+    print_table(config.name, len(evaluation), rows)
 
 
 if __name__ == "__main__":

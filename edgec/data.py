@@ -17,6 +17,8 @@ from edgec.errors import ConfigError, DataError
 from edgec.model import InputSpec, import_factory
 from edgec.runner import runner
 
+AUGMENTS = ("none", "flip", "crop-flip")
+
 
 def shared_data_dir() -> Path | None:
     """The folder of shared real data (``$EDGEC_DATA_DIR`` or ``../shared/data``), if present."""
@@ -29,16 +31,24 @@ def shared_data_dir() -> Path | None:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """One split: an npz ``path`` or a ``generator`` ('file.py:fn' returning images, labels)."""
+    """One split: an npz ``path`` or a ``generator`` ('file.py:fn' returning images, labels).
+
+    ``augment``: the label-preserving augmentation fine-tuning may apply to this split's
+    images: 'none', 'flip' (horizontal) or 'crop-flip' (4-pixel padded random crops and flips,
+    the usual one for natural images such as CIFAR; wrong for digits or text).
+    """
 
     path: str = ""
     generator: str = ""
     start: int = 0
     count: int = 0  # 0 = to the end
+    augment: str = "none"
 
     def __post_init__(self):
         if bool(self.path) == bool(self.generator):
             raise ConfigError("a split needs exactly one of 'path' or 'generator'")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"split augment {self.augment!r} unknown; use one of {AUGMENTS}")
         if self.start < 0 or self.count < 0:
             raise ConfigError(f"split start {self.start} / count {self.count} must be >= 0")
 
@@ -53,12 +63,18 @@ class Dataset:
     images: np.ndarray
     labels: np.ndarray
     origin: str
+    augment: str = "none"  # see SplitSpec
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def head(self, n: int) -> Dataset:
-        return Dataset(self.images[:n], self.labels[:n], f"{self.origin}[:{n}]")
+        return self.slice(0, n)
+
+    def slice(self, start: int, end: int) -> Dataset:
+        """Samples [start:end], keeping the augmentation and naming the origin."""
+        return Dataset(self.images[start:end], self.labels[start:end],
+                       f"{self.origin}[{start}:{end}]", self.augment)
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ def load_split(spec: SplitSpec, root: Path) -> Dataset:
     if end > len(labels):
         raise DataError(f"{origin}: split [{spec.start}:{end}] exceeds its {len(labels)} samples")
     return Dataset(images[spec.start:end], labels[spec.start:end].astype(np.int64),
-                   f"{origin}[{spec.start}:{end}]")
+                   f"{origin}[{spec.start}:{end}]", spec.augment)
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from edgec.errors import PassError
@@ -196,6 +194,17 @@ class ExitModel(nn.Module):
         return ExitModel(list(self.segments), [fold_head(h) for h in self.heads])
 
 
+class ExitLogits(nn.Module):
+    """``model``'s logits only, ``(final, exit_0, ..., exit_{K-1})``: the training view."""
+
+    def __init__(self, model: ExitModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)[:len(self.model.heads) + 1]
+
+
 def export_exit_model(model: ExitModel, input_shape: tuple[int, ...], opset: int = 17) -> bytes:
     """ONNX bytes of ``model`` with named outputs and a dynamic batch dimension."""
     names = model.output_names()
@@ -254,45 +263,6 @@ def train_head(head: nn.Module, features: np.ndarray, teacher: np.ndarray, label
             optimizer.step()
             schedule.step()
     return head.eval()
-
-
-def finetune_jointly(model: ExitModel, teacher: nn.Module, images: np.ndarray, labels: np.ndarray,
-                     preprocess, settings: TrainSettings, epochs: float, time_budget_s: float,
-                     lr: float = 1e-4) -> dict:
-    """Train backbone and heads together, distilling every output from ``teacher``.
-
-    Stops after ``epochs`` passes or ``time_budget_s`` seconds (0: no limit), whichever is first.
-    Random crops (pad 4) and flips. Returns how much was done.
-    """
-    torch.manual_seed(settings.seed)
-    order = torch.Generator().manual_seed(settings.seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr)
-    total = int(epochs * len(labels))
-    started, seen = time.perf_counter(), 0
-    model.train()
-    teacher.eval()
-    while seen < total and not (time_budget_s and time.perf_counter() - started > time_budget_s):
-        batch = torch.randperm(len(labels), generator=order)[:min(64, total - seen)].numpy()
-        x = _augment(torch.from_numpy(preprocess(images[batch])), order)
-        y = torch.from_numpy(labels[batch].astype(np.int64))
-        with torch.no_grad():
-            target = teacher(x)
-        outputs = model(x)[:len(model.heads) + 1]
-        loss = sum(distill_loss(out, target, y, settings) for out in outputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        seen += len(batch)
-    model.eval()
-    return {"images": seen, "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2,), generator=generator).tolist()
-    x = padded[:, :, dy:dy + h, dx:dx + w]
-    return x.flip(3) if torch.rand(1, generator=generator).item() < 0.5 else x
 
 
 # ---------------------------------------------------------------------------- thresholds

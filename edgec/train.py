@@ -6,6 +6,7 @@ training split. Generic: any student/teacher pair with the same logits, any Data
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgec.data import Dataset, preprocess
+from edgec.config import check_choice
+from edgec.data import AUGMENTS, Dataset, preprocess
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,26 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
             progress: bool | Callable[[str], None] = True,
             parameters: list[torch.nn.Parameter] | None = None,
             after_step: Callable[[], None] | None = None,
-            device: str = "cpu") -> DistillResult:
+            device: str = "cpu", augment: str | None = None, precision: str = "auto",
+            weights: tuple[float, ...] | None = None,
+            max_grad_norm: float | None = None) -> DistillResult:
     """Fine-tune ``student`` (in place) towards ``teacher``'s soft labels and the true labels.
 
     SGD with momentum and a cosine learning rate that reaches zero when either ``epochs`` or
     ``time_budget_s`` runs out, whichever comes first. ``teacher=None`` trains on labels only.
     ``parameters`` restricts training (default: all of the student's); ``after_step`` runs
     after every optimiser step (e.g. to re-apply a sparsity mask). ``progress`` is True for a
-    rich progress bar, a callable for one-line messages, or False.
+    rich progress bar, a callable for one-line messages, or False. ``augment`` overrides the
+    dataset's own (``Dataset.augment``: 'none', 'flip' or 'crop-flip'). ``precision``: 'bf16'
+    autocast, 'fp32', or 'auto' (bf16 where the CPU has native bf16 arithmetic, about 1.6x
+    faster; weights and the optimiser stay fp32). A student
+    that returns a tuple of logits (e.g. early exits and the final output) has every output
+    distilled from the teacher's logits, the losses summed with ``weights`` (default all 1).
+    ``max_grad_norm`` clips the gradient norm (e.g. for networks whose BatchNorm is folded).
     """
+    augment = augment or dataset.augment
+    check_choice("augment", augment, AUGMENTS)
+    check_choice("precision", precision, PRECISIONS)
     if len(dataset) == 0 or epochs <= 0 or time_budget_s <= 0:
         return DistillResult(0, 0, 0.0, 0.0, float("nan"), "epochs")
     torch.manual_seed(seed)
@@ -91,7 +106,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.from_numpy(dataset.labels[index]).to(device)
-                loss = _step(student, teacher, optimizer, x, y, temperature, alpha)
+                loss = _step(student, teacher, optimizer, _augment(x, augment, order), y,
+                             _Loss(temperature, alpha, weights, _autocast(precision, device),
+                                   max_grad_norm))
                 if after_step is not None:
                     after_step()
                 step, images, loss_value = step + 1, images + len(index), loss
@@ -105,16 +122,56 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
     return DistillResult(step, images, images / len(dataset), seconds, loss_value, stopped_by)
 
 
-def _step(student, teacher, optimizer, x, y, temperature, alpha) -> float:
+def _autocast(precision: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    native = device == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    if precision == "bf16" or (precision == "auto" and native):
+        return lambda: torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _augment(x: torch.Tensor, augment: str, rng: np.random.Generator) -> torch.Tensor:
+    """Per-image random horizontal flips, and for 'crop-flip' random crops of a 4-pixel
+    zero-padded image (the standard CIFAR augmentation)."""
+    if augment == "none" or x.dim() != 4:
+        return x
+    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if augment == "crop-flip":
+        height, width = x.shape[2:]
+        padded = F.pad(x, (4, 4, 4, 4))
+        shifts = rng.integers(0, 9, size=(len(x), 2))
+        x = torch.stack([padded[i, :, dy:dy + height, dx:dx + width]
+                         for i, (dy, dx) in enumerate(shifts)])
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class _Loss:
+    temperature: float
+    alpha: float
+    weights: tuple[float, ...] | None
+    cast: Callable[[], contextlib.AbstractContextManager]
+    max_grad_norm: float | None = None
+
+
+def _step(student, teacher, optimizer, x, y, how: _Loss) -> float:
     optimizer.zero_grad(set_to_none=True)
-    logits = student(x)
-    if teacher is None:
-        loss = F.cross_entropy(logits, y)
-    else:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        loss = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+    with how.cast():  # forward passes only; backward runs outside autocast
+        outputs = student(x)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x).float()
+    outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+    loss = 0.0
+    for weight, logits in zip(how.weights or [1.0] * len(outputs), outputs):
+        logits = logits.float()
+        loss = loss + weight * (
+            F.cross_entropy(logits, y) if teacher_logits is None else
+            distillation_loss(logits, teacher_logits, y, how.temperature, how.alpha))
     loss.backward()
+    if how.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), how.max_grad_norm)
     optimizer.step()
     return float(loss.detach())
 

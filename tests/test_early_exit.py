@@ -223,7 +223,8 @@ def test_joint_finetune_runs_within_its_budget(digits_model, digits_config, digi
                              finetune_seconds=30)
     built = _run(digits_model, digits_config.input, digits_data[0], tmp_path, params)
     done = built.lineage[-1].report["finetune"]
-    assert 350 <= done["images"] <= 450 and done["seconds"] <= 31
+    # half of 800 images at batch 128: ceil(0.5 * 7) = 4 steps
+    assert done["steps"] == 4 and done["stopped_by"] == "epochs" and done["seconds"] <= 31
     after = digits_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input model is untouched
 

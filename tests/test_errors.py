@@ -93,6 +93,14 @@ def test_overlapping_splits_are_rejected(tmp_path):
         load_data_config(path)
 
 
+def test_unknown_augmentation_is_rejected(tmp_path):
+    path = tmp_path / "data.toml"
+    path.write_text('[calibration]\npath = "a.npz"\naugment = "rotate"\n'
+                    '[evaluation]\npath = "b.npz"\n')
+    with pytest.raises(ConfigError, match="augment 'rotate' unknown.*crop-flip"):
+        load_data_config(path)
+
+
 def test_errors_share_one_base():
     for cls in (ConfigError, DataError, ModelError):
         assert issubclass(cls, EdgecError)

@@ -276,7 +276,7 @@ def _calibration_and_holdout(params: QuantizeParams, ctx: Context) -> tuple[Data
         raise DataError(f"mixed precision needs {end} calibration images (calibration_count / "
                         f"hessian_count {start} + holdout_count {params.holdout_count}); the "
                         f"calibration split {data.origin} has {len(data)}: lower holdout_count")
-    holdout = Dataset(data.images[start:end], data.labels[start:end], f"{data.origin}[{start}:{end}]")
+    holdout = data.slice(start, end)
     return data.head(params.hessian_count), holdout
 
 
