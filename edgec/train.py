@@ -66,9 +66,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
     rich progress bar, a callable for one-line messages, or False. ``augment`` overrides the
     dataset's own (``Dataset.augment``: 'none', 'flip' or 'crop-flip'). ``precision``: 'bf16'
     autocast, 'fp32', or 'auto' (bf16 where the CPU has native bf16 arithmetic, about 1.6x
-    faster; weights and the optimiser stay fp32). A student
-    that returns a tuple of logits (e.g. early exits and the final output) has every output
-    distilled from the teacher's logits, the losses summed with ``weights`` (default all 1).
+    faster; weights and the optimiser stay fp32). A student that returns a tuple of logits
+    (e.g. early exits and the final output) has every output distilled from the teacher's
+    logits, the losses summed with ``weights`` (default all 1).
     ``max_grad_norm`` clips the gradient norm (e.g. for networks whose BatchNorm is folded).
     """
     augment = augment or dataset.augment
@@ -86,6 +86,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
     student.to(device, memory_format=torch.channels_last).train()
     if teacher is not None:
         teacher.to(device, memory_format=torch.channels_last).eval()
+    how = _Loss(temperature, alpha, weights, _autocast(precision, device), max_grad_norm)
     started = time.perf_counter()
     step, images, loss_value, stopped_by = 0, 0, float("nan"), "epochs"
     with _Progress(progress, total_steps) as bar:
@@ -106,9 +107,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.from_numpy(dataset.labels[index]).to(device)
-                loss = _step(student, teacher, optimizer, _augment(x, augment, order), y,
-                             _Loss(temperature, alpha, weights, _autocast(precision, device),
-                                   max_grad_norm))
+                loss = _step(student, teacher, optimizer, _augment(x, augment, order), y, how)
                 if after_step is not None:
                     after_step()
                 step, images, loss_value = step + 1, images + len(index), loss
@@ -147,6 +146,8 @@ def _augment(x: torch.Tensor, augment: str, rng: np.random.Generator) -> torch.T
 
 @dataclass(frozen=True)
 class _Loss:
+    """How one step computes its loss: distillation settings, autocast, gradient clipping."""
+
     temperature: float
     alpha: float
     weights: tuple[float, ...] | None
