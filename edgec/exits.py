@@ -154,6 +154,17 @@ def fold_head(head: nn.Module) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def fold_segment(segment: nn.Module) -> nn.Module:
+    """A backbone segment for deployment: eval mode, BatchNorm folded where the segment still
+    has it (the backbone was fine-tuned with BatchNorm, which trains far better than folded)."""
+    from edgec.passes.fuse import fold_batchnorm
+
+    segment = copy.deepcopy(segment).eval()
+    if isinstance(segment, fx.GraphModule):
+        fold_batchnorm(segment)
+    return segment
+
+
 class ExitModel(nn.Module):
     """Backbone segments with a head after each but the last.
 
@@ -191,7 +202,9 @@ class ExitModel(nn.Module):
         return ExitModel(segments, [self.heads[k] for k in indices])
 
     def deployable(self) -> ExitModel:
-        return ExitModel(list(self.segments), [fold_head(h) for h in self.heads])
+        """A copy in eval mode with every BatchNorm folded (backbone segments and heads)."""
+        return ExitModel([fold_segment(s) for s in self.segments],
+                         [fold_head(h) for h in self.heads])
 
 
 class ExitLogits(nn.Module):

@@ -37,10 +37,10 @@ def digits_data(digits_config):
     return data.load("calibration"), data.load("evaluation")
 
 
-def _run(model, spec, calibration, tmp_path, params, quantize=False, target=None):
+def _run(model, spec, calibration, tmp_path, params, quantize=False, target=None, fold_bn=True):
     from edgec.targets import load_target
 
-    steps = [Step(FusePass(), FuseParams()), Step(EarlyExitPass(), params)]
+    steps = [Step(FusePass(), FuseParams(fold_bn=fold_bn)), Step(EarlyExitPass(), params)]
     if quantize:
         steps.append(Step(QuantizePass(), QuantizeParams(calibration_count=128)))
     ctx = Context(target or load_target("local"), spec, calibration, tmp_path, baseline=model)
@@ -227,6 +227,16 @@ def test_joint_finetune_runs_within_its_budget(digits_model, digits_config, digi
     assert done["steps"] == 4 and done["stopped_by"] == "epochs" and done["seconds"] <= 31
     after = digits_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input model is untouched
+
+
+def test_backbone_finetuned_with_batchnorm_deploys_folded(digits_model, digits_config,
+                                                          digits_data, tmp_path):
+    settings = {**DIGITS_EXIT, "after": ("bn1",)}  # conv1 and bn1 in one stage: foldable
+    params = EarlyExitParams(**settings, thresholds=(0.95,), finetune_epochs=0.5)
+    built = _run(digits_model, digits_config.input, digits_data[0], tmp_path, params,
+                 fold_bn=False)
+    ops = {node.op_type for node in onnx.load(str(built.payload)).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops
 
 
 def test_cut_inside_a_residual_block_is_refused(resnet20):

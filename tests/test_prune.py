@@ -86,6 +86,16 @@ def test_budget_picks_the_largest_ratio_inside_it(digits_model, digits_config, l
     assert report["trials"][0]["holdout_drop_points"] > 0
 
 
+def test_search_fine_tunes_a_candidate_for_the_full_epochs(digits_model, digits_config,
+                                                           local_target, digits_train):
+    params = PruneParams(ratios=(0.9, 0.5), budget_points=100.0, channel_multiple=2,
+                         finetune_epochs=0.5, time_budget_s=600, holdout=300, batch=64)
+    report = run_prune(digits_model, digits_config.input, params, local_target,
+                       digits_train).lineage[-1].report
+    assert [t["ratio"] for t in report["trials"]] == [0.9]  # inside 100 points: no more trials
+    assert report["finetune"]["epochs"] == pytest.approx(0.5, abs=0.02)  # not a share of it
+
+
 @pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {"ratios": [0.2, 1.5]},
                                  {"stage_ratios": {"layer3": 2.0}}, {"mode": "4:8"},
                                  {"importance": "l3"}, {"budget_points": -1.0}])

@@ -12,6 +12,9 @@ backbone and heads jointly, distilling from the original model; (4) measure each
 head's latency (and one runtime call) with ONNX Runtime; (5) on training images disjoint from
 those of step 2, choose per-exit max-softmax thresholds that minimise expected latency with a
 top-1 drop within ``budget`` points; (6) drop exits that never fire.
+
+Joint fine-tuning trains far better with BatchNorm than on a folded backbone: put
+``fuse`` with ``fold_bn = false`` before this pass; the stages are folded for deployment here.
 """
 
 from __future__ import annotations

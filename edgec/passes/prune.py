@@ -5,9 +5,9 @@ other layer's output (for a ResNet: the inner conv of each block; residual strea
 which also keeps option-A zero-padded shortcuts exact). Kept widths are rounded to the target's
 ``channel_multiple``. An optional fine-tune distils the unpruned model into the pruned one on
 the training split. With ``budget_points`` the pass picks the ratio: candidates are tried from
-the largest down, each fine-tuned for its share of the time budget, and the first whose top-1
-drop on a held-out slice of the training split (plain, or the ``shifted`` view for models that
-memorised the whole split) stays inside the budget wins and gets the time left.
+the largest down, each fine-tuned for the same epochs (the search stops at its time cap), and
+the first whose top-1 drop on a held-out slice of the training split (plain, or the ``shifted``
+view for models that memorised the whole split) stays inside the budget wins.
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ class PruneParams:
     largest of ``ratios`` whose top-1 drop (points, held-out training slice) is within it is
     chosen. ``channel_multiple`` 0 takes the target's. ``reconstruct``: refit the layer that
     reads the pruned channels by least squares so it reproduces its unpruned output on 256
-    training images (He et al. 2017, ThiNet). ``finetune_epochs`` / ``time_budget_s``:
-    distillation from the unpruned model (total seconds for all candidates), with the training
-    split's own augmentation. ``holdout_view`` 'shifted' measures held-out accuracy on
-    :func:`edgec.accuracy.shifted` images: use it when the model was trained on the whole
-    training split, whose held-out slice it has memorised. ``mode`` '2:4' zeroes 2 of every 4
-    weights instead (a mask; widths unchanged).
+    training images (He et al. 2017, ThiNet). ``finetune_epochs``: distillation from the
+    unpruned model for each candidate, with the training split's own augmentation (epochs make
+    the budget scale with the model: a deeper model gets the seconds it needs);
+    ``time_budget_s`` caps the whole search (a later candidate gets what is left).
+    ``holdout_view`` 'shifted' measures held-out accuracy on :func:`edgec.accuracy.shifted`
+    images: use it when the model was trained on the whole training split, whose held-out slice
+    it has memorised. ``mode`` '2:4' zeroes 2 of every 4 weights instead (a mask; widths
+    unchanged).
     """
 
     mode: str = "channel"
@@ -159,20 +161,18 @@ class _Job:
     def channels(self):
         params = self.params
         if params.budget_points is None:
-            student, trial = self._trial(params.ratio, self.time_left())
+            student, trial = self._trial(params.ratio)
             return student, self._report(student, trial, [])
         reference = self.accuracy(self.model)
         candidates = sorted(set(params.ratios), reverse=True)
         trials = []
-        for i, ratio in enumerate(candidates):
-            share = self.time_left() / (len(candidates) - i)
-            student, trial = self._trial(ratio, share)
+        for ratio in candidates:
+            student, trial = self._trial(ratio)
             trial["holdout_drop_points"] = round(reference - trial["holdout_top1"], 3)
             trials.append(trial)
             self.ctx.progress(f"prune: ratio {ratio}: held-out top-1 {trial['holdout_top1']:.2f} %"
                               f" (drop {trial['holdout_drop_points']:.2f} points)")
             if trial["holdout_drop_points"] <= params.budget_points:
-                student, trial = self._continue(student, trial, reference)
                 return student, self._report(student, trial, trials, reference)
         best = min(trials, key=lambda t: t["holdout_drop_points"])
         raise BudgetError(
@@ -181,29 +181,17 @@ class _Job:
             f"{best['holdout_drop_points']:.2f} points at ratio {best['ratio']}; raise "
             f"budget_points, add smaller ratios or give more fine-tune time/epochs")
 
-    def _trial(self, ratio: float, seconds: float):
+    def _trial(self, ratio: float):
         student = copy.deepcopy(self.model)
         widths = prune_channels(student, self.spec, ratio, self.params.stage_ratios,
                                 self.params.scope, self.params.importance, self.multiple,
                                 self._batch(), self.params.reconstruct)
         trial = {"ratio": ratio, "widths": widths, "macs": total_macs(student, self.spec)}
-        trial["finetune"] = self._finetune(student, self.params.finetune_epochs, seconds)
+        trial["finetune"] = self._finetune(student, self.params.finetune_epochs,
+                                           self.time_left())
         if self.params.budget_points is not None or self.params.finetune_epochs > 0:
             trial["holdout_top1"] = round(self.accuracy(student), 3)
         return student, trial
-
-    def _continue(self, student, trial, reference):
-        """Spend the time left on the chosen candidate; keep the result if it is no worse."""
-        if self.time_left() < 1 or self.params.finetune_epochs <= 0:
-            return student, trial
-        state = copy.deepcopy(student.state_dict())
-        extra = self._finetune(student, self.params.finetune_epochs, self.time_left())
-        accuracy = round(self.accuracy(student), 3)
-        if accuracy < trial["holdout_top1"]:
-            student.load_state_dict(state)
-            return student, {**trial, "continued": {**extra, "kept": False}}
-        return student, {**trial, "continued": {**extra, "kept": True}, "holdout_top1": accuracy,
-                         "holdout_drop_points": round(reference - accuracy, 3)}
 
     def _finetune(self, student, epochs: float, seconds: float) -> dict:
         if epochs <= 0 or seconds <= 0:
@@ -229,7 +217,7 @@ class _Job:
                   "widths": trial["widths"], "finetune": trial["finetune"],
                   "holdout": self.holdout.origin if len(self.holdout) else None,
                   "holdout_view": self.params.holdout_view}
-        for key in ("holdout_top1", "holdout_drop_points", "continued"):
+        for key in ("holdout_top1", "holdout_drop_points"):
             if key in trial:
                 report[key] = trial[key]
         if reference is not None:
