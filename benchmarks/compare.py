@@ -109,7 +109,7 @@ def ort_baselines(model, config, target, calibration, evaluation, workdir, macs)
 
 
 def fixed_ratio_recipe(ratio: float, seconds: float, folder: Path) -> Path:
-    """passes/prune-int8.toml pruning ``ratio`` with ``seconds`` of fine-tuning, no budget."""
+    """passes/prune-int8.toml pruning ``ratio`` (its epochs, capped at ``seconds``), no budget."""
     text = (ROOT / "passes" / "prune-int8.toml").read_text()
     text, budgets = re.subn(r"(?m)^budget_points = .*$", f"ratio = {ratio}", text)
     text, times = re.subn(r"(?m)^time_budget_s = .*$", f"time_budget_s = {seconds}", text)
@@ -179,7 +179,7 @@ def main() -> None:
                         help=f"recipe TOML (repeatable); default: passes/{{{','.join(RECIPES)}}}")
     parser.add_argument("--prune-ratios", type=float, nargs="*", default=[])
     parser.add_argument("--prune-seconds", type=float, default=600.0,
-                        help="fine-tune seconds of each --prune-ratios row")
+                        help="cap on the fine-tune seconds of each --prune-ratios row")
     args = parser.parse_args()
     recipes = args.recipe or [ROOT / "passes" / f"{name}.toml" for name in RECIPES]
     config = load_model_config(args.model)

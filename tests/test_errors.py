@@ -85,19 +85,16 @@ def test_data_file_without_images(tmp_path):
         load_npz(path)
 
 
-def test_overlapping_splits_are_rejected(tmp_path):
+@pytest.mark.parametrize(("text", "message"), [
+    ('[calibration]\npath = "a.npz"\ncount = 100\n[evaluation]\npath = "a.npz"\nstart = 50\n',
+     "overlapping"),
+    ('[calibration]\npath = "a.npz"\naugment = "rotate"\n[evaluation]\npath = "b.npz"\n',
+     "augment 'rotate' unknown.*crop-flip"),
+])
+def test_bad_data_config_is_rejected(tmp_path, text, message):
     path = tmp_path / "data.toml"
-    path.write_text('[calibration]\npath = "a.npz"\ncount = 100\n'
-                    '[evaluation]\npath = "a.npz"\nstart = 50\n')
-    with pytest.raises(ConfigError, match="overlapping"):
-        load_data_config(path)
-
-
-def test_unknown_augmentation_is_rejected(tmp_path):
-    path = tmp_path / "data.toml"
-    path.write_text('[calibration]\npath = "a.npz"\naugment = "rotate"\n'
-                    '[evaluation]\npath = "b.npz"\n')
-    with pytest.raises(ConfigError, match="augment 'rotate' unknown.*crop-flip"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_data_config(path)
 
 
