@@ -9,6 +9,8 @@ off), all rows measured in this one run by the same runner protocol:
 - p50 / p90: one input repeated (the usual single-input latency);
 - stream mean: the whole evaluation split streamed in order, one image at a time (the number
   that counts for early-exit cascades, whose cost depends on the image).
+Under the table, each prune-int8 row's search: its seconds and every step's ratio, MACs,
+fine-tune epochs and held-out drop.
 
     nice -n 10 python benchmarks/compare.py [--model examples/resnet20_cifar10/model.toml]
         [--recipe passes/int8.toml --recipe passes/exit-int8.toml ...] [--prune-ratios 0.3 0.5]
@@ -135,10 +137,21 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
               size=manifest["size_bytes"], directory=result.directory)
     if "ratio" in prune:
         row.ratio = f"{prune['ratio']}"
+    if "trials" in prune:
+        row.note = search_summary(prune)
     if "early_exit" in reports:
         row.exits = "/".join(str(n) for n in manifest["accuracy"]["exits"])
         row.macs = None  # depends on the image; see the exit histogram
     return row
+
+
+def search_summary(prune: dict) -> str:
+    """The prune pass's search: each step's ratio, MACs, fine-tune and held-out drop."""
+    steps = [f"ratio {t['ratio']}: {t['macs'] / 1e6:.2f} M MACs, "
+             f"{t['finetune'].get('epochs', 0)} epochs, held-out drop "
+             f"{t['holdout_drop_points']:.2f}" for t in prune["trials"]]
+    return (f"prune search {prune.get('seconds', float('nan')):.0f} s, kept {prune['ratio']} "
+            f"({'; '.join(steps)})")
 
 
 def measure(rows: list[Row], test_npz: Path, count: int) -> None:

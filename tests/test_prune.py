@@ -17,7 +17,7 @@ from edgec.config import from_dict
 from edgec.data import load_data_config, preprocess
 from edgec.errors import BudgetError, ConfigError, EdgecError
 from edgec.passes.export import export_onnx
-from edgec.passes.prune import PruneParams, PrunePass, round_width
+from edgec.passes.prune import PruneParams, PrunePass, conv_widths, prune_channels, round_width
 from edgec.pipeline import Context, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,18 +82,34 @@ def test_budget_picks_the_largest_ratio_inside_it(digits_model, digits_config, l
     report = run_prune(digits_model, digits_config.input, params, local_target,
                        digits_train).lineage[-1].report
     assert report["ratio"] == 0.0  # 0.9 (16→8, 32→8 without fine-tune) must drop accuracy
-    assert [t["ratio"] for t in report["trials"]] == [0.9, 0.0]
-    assert report["trials"][0]["holdout_drop_points"] > 0
+    assert [t["ratio"] for t in report["trials"]] == [0.0, 0.9]  # steps from the smallest up
+    assert report["trials"][1]["holdout_drop_points"] > 0
 
 
-def test_search_fine_tunes_a_candidate_for_the_full_epochs(digits_model, digits_config,
-                                                           local_target, digits_train):
-    params = PruneParams(ratios=(0.9, 0.5), budget_points=100.0, channel_multiple=2,
-                         finetune_epochs=0.5, time_budget_s=600, holdout=300, batch=64)
+def test_search_prunes_iteratively_and_shares_the_epochs(digits_model, digits_config,
+                                                          local_target, digits_train):
+    params = PruneParams(ratios=(0.6, 0.3), budget_points=100.0, channel_multiple=2,
+                         finetune_epochs=0.6, time_budget_s=600, holdout=300, batch=64)
     report = run_prune(digits_model, digits_config.input, params, local_target,
                        digits_train).lineage[-1].report
-    assert [t["ratio"] for t in report["trials"]] == [0.9]  # inside 100 points: no more trials
-    assert report["finetune"]["epochs"] == pytest.approx(0.5, abs=0.02)  # not a share of it
+    first, second = report["trials"]
+    assert (first["ratio"], second["ratio"], report["ratio"]) == (0.3, 0.6, 0.6)
+    # each step's share of the epochs is its ratio increment: 0.3 of 0.6, then the other 0.3
+    assert first["finetune"]["epochs"] == pytest.approx(0.3, abs=0.05)
+    assert second["finetune"]["epochs"] == pytest.approx(0.3, abs=0.05)
+    assert second["macs"] < first["macs"] < report["macs_before"]
+    # widths count from the unpruned model, so the second step prunes the first one further
+    assert all(after <= before for before, after in report["widths"].values())
+
+
+def test_second_step_prunes_the_first_further_to_the_same_total(digits_model, digits_config):
+    spec = digits_config.input
+    once, twice = copy.deepcopy(digits_model), copy.deepcopy(digits_model)
+    unpruned = conv_widths(digits_model)
+    prune_channels(once, spec, 0.5, scope="global")
+    prune_channels(twice, spec, 0.25, scope="global")
+    prune_channels(twice, spec, 0.5, scope="global", reference_widths=unpruned)
+    assert sum(conv_widths(twice).values()) == sum(conv_widths(once).values())
 
 
 @pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {"ratios": [0.2, 1.5]},
