@@ -54,8 +54,8 @@ class PruneParams:
     ``ratio``: fraction of prunable channels removed (``stage_ratios`` overrides it for the
     layers under a module name, e.g. ``{layer3 = 0.4}``); ``scope`` 'global' ranks channels of
     all layers together, 'local' prunes each layer by the ratio. ``budget_points``: if set, the
-    largest of ``ratios`` whose top-1 drop (points, held-out training slice) is within it is
-    chosen by iterative pruning (module docstring). ``channel_multiple`` 0 takes the target's.
+    ratio is the last of the ``ratios`` steps (iterative pruning, module docstring) whose top-1
+    drop (points, held-out training slice) stays within it. ``channel_multiple`` 0 takes the target's.
     ``reconstruct``: refit the layer that reads the pruned channels by least squares so it
     reproduces its unpruned output on 256 training images (He et al. 2017, ThiNet).
     ``finetune_epochs``: distillation from the unpruned model, with the training split's own
