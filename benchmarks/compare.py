@@ -148,9 +148,9 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
 def search_summary(prune: dict) -> str:
     """The prune pass's search: each step's ratio, MACs, fine-tune and held-out drop."""
     steps = [f"ratio {t['ratio']}: {t['macs'] / 1e6:.2f} M MACs, "
-             f"{t['finetune'].get('epochs', 0)} epochs, held-out drop "
+             f"{t['finetune']['epochs']} epochs, held-out drop "
              f"{t['holdout_drop_points']:.2f}" for t in prune["trials"]]
-    return (f"prune search {prune.get('seconds', float('nan')):.0f} s, kept {prune['ratio']} "
+    return (f"prune search {prune['seconds']:.0f} s, kept {prune['ratio']} "
             f"({'; '.join(steps)})")
 
 

@@ -171,8 +171,8 @@ class _Job:
             return student, self._report(student, trial, [])
         reference = self.accuracy(self.model)
         steps = sorted(set(params.ratios))
-        student, kept, trials, previous = self.model, None, [], 0.0
-        for ratio in steps:
+        student, kept, trials = self.model, None, []
+        for ratio, previous in zip(steps, [0.0, *steps]):
             share = (ratio - previous) / steps[-1] if steps[-1] > 0 else 1.0
             student, trial = self._trial(student, ratio, params.finetune_epochs * share)
             trial["holdout_drop_points"] = round(reference - trial["holdout_top1"], 3)
@@ -181,7 +181,7 @@ class _Job:
                               f" (drop {trial['holdout_drop_points']:.2f} points)")
             if trial["holdout_drop_points"] > params.budget_points:
                 break
-            kept, previous = (student, trial), ratio
+            kept = student, trial
         if kept is not None:
             return kept[0], self._report(kept[0], kept[1], trials, reference)
         raise BudgetError(
