@@ -136,7 +136,7 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
     row = Row(name, manifest["accuracy"]["top1"], prune.get("macs_after", base_macs),
               size=manifest["size_bytes"], directory=result.directory)
     if "ratio" in prune:
-        row.ratio = f"{prune['ratio']}"
+        row.ratio = f"{prune['ratio']} of {prune.get('ratio_of', 'channels')}"
     if "trials" in prune:
         row.note = search_summary(prune)
     if "early_exit" in reports:
@@ -147,11 +147,15 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
 
 def search_summary(prune: dict) -> str:
     """The prune pass's search: each step's ratio, MACs, fine-tune and held-out drop."""
-    steps = [f"ratio {t['ratio']}: {t['macs'] / 1e6:.2f} M MACs, "
-             f"{t['finetune']['epochs']} epochs, held-out drop "
-             f"{t['holdout_drop_points']:.2f}" for t in prune["trials"]]
+    steps = [f"ratio {t['ratio']}{_channels(t)}: {t['macs'] / 1e6:.2f} M MACs, "
+             f"{t['finetune']['epochs']} epochs in {t['finetune'].get('seconds', 0):.0f} s, "
+             f"held-out drop {t['holdout_drop_points']:.2f}" for t in prune["trials"]]
     return (f"prune search {prune['seconds']:.0f} s, kept {prune['ratio']} "
             f"({'; '.join(steps)})")
+
+
+def _channels(trial: dict) -> str:
+    return f" (channel ratio {trial['channel_ratio']})" if "channel_ratio" in trial else ""
 
 
 def measure(rows: list[Row], test_npz: Path, count: int) -> None:

@@ -45,7 +45,11 @@ def shifted(x, seed: int):
     about the same, 1.24 and 1.14 on two slices: not forgetting). Milder views are worse: without
     the cut-out, or geometric only, four ResNet-20 students with test drops 0.37 / 0.51 / 1.83 /
     3.00 read 1.6 / 2.7 / 4.8 / 6.2 (memorisation leaks back in); this view read 0.53 / 1.39 /
-    2.91 / 2.59.
+    2.91 / 2.59. A student distilled on shifted copies as well (augment 'crop-flip-shifted')
+    keeps the teacher's robustness, and the view then measures how well it copies the teacher:
+    pruned to 35 % fewer MACs, ResNet-20 read 0.56 against 0.69 on test, ResNet-56 -0.01
+    against 0.39 (int8 included). With true labels on the shifted copies it reads lower still
+    (ResNet-20, one-shot 0.3, 7 epochs: 0.14 against 0.38).
     """
     import torch
     import torch.nn.functional as F

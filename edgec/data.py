@@ -17,7 +17,7 @@ from edgec.errors import ConfigError, DataError
 from edgec.model import InputSpec, import_factory
 from edgec.runner import runner
 
-AUGMENTS = ("none", "flip", "crop-flip")
+AUGMENTS = ("none", "flip", "crop-flip", "crop-flip-shifted")
 
 
 def shared_data_dir() -> Path | None:
@@ -35,7 +35,9 @@ class SplitSpec:
 
     ``augment``: the label-preserving augmentation fine-tuning may apply to this split's
     images: 'none', 'flip' (horizontal) or 'crop-flip' (4-pixel padded random crops and flips,
-    the usual one for natural images such as CIFAR; wrong for digits or text).
+    the usual one for natural images such as CIFAR; wrong for digits or text);
+    'crop-flip-shifted' also moves half of each batch by :func:`edgec.accuracy.shifted`
+    (distillation then matches the teacher off the training distribution too).
     """
 
     path: str = ""

@@ -94,12 +94,36 @@ def test_search_prunes_iteratively_and_shares_the_epochs(digits_model, digits_co
                        digits_train).lineage[-1].report
     first, second = report["trials"]
     assert (first["ratio"], second["ratio"], report["ratio"]) == (0.3, 0.6, 0.6)
-    # each step's share of the epochs is its ratio increment: 0.3 of 0.6, then the other 0.3
+    # each step gets an equal share of the epochs
     assert first["finetune"]["epochs"] == pytest.approx(0.3, abs=0.05)
     assert second["finetune"]["epochs"] == pytest.approx(0.3, abs=0.05)
     assert second["macs"] < first["macs"] < report["macs_before"]
     # widths count from the unpruned model, so the second step prunes the first one further
     assert all(after <= before for before, after in report["widths"].values())
+
+
+def test_mac_ratios_reach_the_mac_cut_with_the_fewest_channels(digits_model, digits_config,
+                                                               local_target, digits_train):
+    params = PruneParams(ratios=(0.2, 0.4), ratio_of="macs", budget_points=100.0,
+                         channel_multiple=1, finetune_epochs=0.2, holdout=300, batch=64,
+                         finetune_augment="flip")
+    report = run_prune(digits_model, digits_config.input, params, local_target,
+                       digits_train).lineage[-1].report
+    first, second = report["trials"]
+    assert (report["ratio"], report["ratio_of"]) == (0.4, "macs")
+    for trial in (first, second):
+        assert trial["macs"] <= (1 - trial["ratio"]) * report["macs_before"]
+    # pruning the unpruned model by 0.002 fewer channels than the first step's would miss its cut
+    fewer = copy.deepcopy(digits_model)
+    prune_channels(fewer, digits_config.input, first["channel_ratio"] - 0.002)
+    assert total_macs(fewer, digits_config.input) > 0.8 * report["macs_before"]
+    assert first["channel_ratio"] < second["channel_ratio"] < 1
+
+
+def test_unreachable_mac_ratio_is_a_pass_error(digits_model, digits_config, local_target):
+    params = PruneParams(ratio=0.99, ratio_of="macs", channel_multiple=8)
+    with pytest.raises(EdgecError, match="ratio 0.99 of MACs cannot be reached"):
+        run_prune(digits_model, digits_config.input, params, local_target)
 
 
 def test_second_step_prunes_the_first_further_to_the_same_total(digits_model, digits_config):
@@ -113,6 +137,8 @@ def test_second_step_prunes_the_first_further_to_the_same_total(digits_model, di
 
 
 @pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {"ratios": [0.2, 1.5]},
+                                 {"ratio_of": "flops"}, {"finetune_augment": "mixup"},
+                                 {"ratio_of": "macs", "stage_ratios": {"layer3": 0.4}},
                                  {"stage_ratios": {"layer3": 2.0}}, {"mode": "4:8"},
                                  {"importance": "l3"}, {"budget_points": -1.0}])
 def test_invalid_params_are_config_errors(bad):
@@ -204,3 +230,24 @@ def test_fine_tune_follows_the_splits_augmentation(digits_model, digits_config, 
 
     assert torch.equal(tuned("flip"), tuned("flip"))
     assert not torch.equal(tuned("flip"), tuned("none"))
+
+
+def test_shifted_fine_tune_augmentation_is_seeded_and_moves_images(digits_model, digits_config,
+                                                                   digits_train):
+    from edgec.train import UNLABELLED, _augment, distillation_loss
+
+    x = torch.from_numpy(preprocess(digits_train.images[:64], digits_config.input))
+    moved, which = _augment(x, "crop-flip-shifted", np.random.default_rng(0))
+    again, same = _augment(x, "crop-flip-shifted", np.random.default_rng(0))
+    assert torch.equal(moved, again) and torch.equal(which, same)
+    cropped, none = _augment(x, "crop-flip", np.random.default_rng(0))
+    changed = (moved != cropped).flatten(1).any(1)
+    assert none is None and moved.shape == x.shape and 0.25 < which.float().mean() < 0.75
+    assert torch.equal(changed, which)  # exactly the flagged images were moved
+    # moved images are distilled only: their labels do not enter the loss
+    logits, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    labels = torch.tensor([1, 2, UNLABELLED, UNLABELLED])
+    soft = distillation_loss(logits, teacher, labels, 4.0, 1.0)
+    hard = torch.nn.functional.cross_entropy(logits[:2], labels[:2])
+    assert float(distillation_loss(logits, teacher, labels, 4.0, 0.9)) == pytest.approx(
+        float(0.9 * soft + 0.1 * hard))

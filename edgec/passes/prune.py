@@ -6,7 +6,7 @@ which also keeps option-A zero-padded shortcuts exact). Kept widths are rounded 
 ``channel_multiple``. An optional fine-tune distils the unpruned model into the pruned one on
 the training split. With ``budget_points`` the pass picks the ratio by iterative pruning: the
 candidate ratios are steps from the smallest up, each pruning the previous step's fine-tuned
-student further (ratios count channels of the unpruned model) and fine-tuning it for its share
+student further (ratios count from the unpruned model) and fine-tuning it for an equal share
 of the epochs; the search stops at the first step whose top-1 drop on a held-out slice of the
 training split (plain, or the ``shifted`` view for models that memorised the whole split)
 leaves the budget and returns the step before it. The whole search therefore costs at most
@@ -27,7 +27,7 @@ from edgec.accuracy import VIEWS, top1, torch_logits
 from edgec.analysis import total_macs
 from edgec.artifact import Artifact
 from edgec.config import check_choice
-from edgec.data import Dataset, preprocess
+from edgec.data import AUGMENTS, Dataset, preprocess
 from edgec.errors import BudgetError, PassError
 from edgec.pipeline import Context, Step
 from edgec.train import distill
@@ -35,6 +35,7 @@ from edgec.train import distill
 MODES = ("channel", "2:4")
 IMPORTANCES = ("l1", "taylor")
 SCOPES = ("global", "local")
+RATIO_UNITS = ("channels", "macs")
 SEARCH_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 # One shifted draw of 5,000 images moves a student's measured drop by a standard deviation of
 # 0.23 to 0.48 points between seeds (four ResNet-20 students, eight draws each); the mean of
@@ -52,16 +53,19 @@ class PruneParams:
     """Structured pruning.
 
     ``ratio``: fraction of prunable channels removed (``stage_ratios`` overrides it for the
-    layers under a module name, e.g. ``{layer3 = 0.4}``); ``scope`` 'global' ranks channels of
+    layers under a module name, e.g. ``{layer3 = 0.4}``), or with ``ratio_of`` 'macs' the
+    fraction of the model's MACs removed (the channel ratio that first reaches it is found by
+    bisection; ratios and ``ratios`` steps then count MACs); ``scope`` 'global' ranks channels of
     all layers together, 'local' prunes each layer by the ratio. ``budget_points``: if set, the
     ratio is the last of the ``ratios`` steps (iterative pruning, module docstring) whose top-1
     drop (points, held-out training slice) stays within it. ``channel_multiple`` 0 takes the target's.
     ``reconstruct``: refit the layer that reads the pruned channels by least squares so it
     reproduces its unpruned output on 256 training images (He et al. 2017, ThiNet).
-    ``finetune_epochs``: distillation from the unpruned model, with the training split's own
-    augmentation, in all: a search step gets the share of its ratio increment (epochs make the
-    budget scale with the model: a deeper model gets the seconds it needs); ``time_budget_s``
-    caps the whole pass (a later step gets what is left).
+    ``finetune_epochs``: distillation from the unpruned model in all, with ``finetune_augment``
+    (default: the training split's own, :class:`edgec.data.SplitSpec`); each search step gets
+    an equal share (epochs make the budget scale with the model: a deeper model gets the
+    seconds it needs); ``time_budget_s`` caps the whole pass (a later step gets what is
+    left).
     ``holdout_view`` 'shifted' measures held-out accuracy on :func:`edgec.accuracy.shifted`
     images: use it when the model was trained on the whole training split, whose held-out slice
     it has memorised. ``mode`` '2:4' zeroes 2 of every 4 weights instead (a mask; widths
@@ -75,9 +79,11 @@ class PruneParams:
     importance: str = "l1"
     budget_points: float | None = None
     ratios: tuple[float, ...] = SEARCH_RATIOS
+    ratio_of: str = "channels"
     channel_multiple: int = 0
     reconstruct: bool = True
     finetune_epochs: float = 0.0
+    finetune_augment: str = ""
     time_budget_s: float = 600.0
     holdout: int = 5000
     holdout_view: str = "plain"
@@ -90,6 +96,12 @@ class PruneParams:
         check_choice("importance", self.importance, IMPORTANCES)
         check_choice("scope", self.scope, SCOPES)
         check_choice("holdout_view", self.holdout_view, VIEWS)
+        check_choice("ratio_of", self.ratio_of, RATIO_UNITS)
+        if self.finetune_augment:
+            check_choice("finetune_augment", self.finetune_augment, AUGMENTS)
+        if self.ratio_of == "macs" and self.stage_ratios:
+            raise ValueError("stage_ratios fix channel fractions per stage and cannot be "
+                             "combined with ratio_of = 'macs'; use ratio_of = 'channels'")
         _check_ratio(self.ratio, "ratio")
         for name, value in self.stage_ratios.items():
             _check_ratio(value, f"stage_ratios[{name!r}]")
@@ -116,6 +128,7 @@ class PrunePass:
     Params = PruneParams
     search_space = {
         "ratio": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+        "ratio_of": list(RATIO_UNITS),
         "scope": list(SCOPES),
         "importance": list(IMPORTANCES),
         "finetune_epochs": [0.0, 1.0, 2.0],
@@ -172,9 +185,8 @@ class _Job:
         reference = self.accuracy(self.model)
         steps = sorted(set(params.ratios))
         student, kept, trials = self.model, None, []
-        for ratio, previous in zip(steps, [0.0, *steps]):
-            share = (ratio - previous) / steps[-1] if steps[-1] > 0 else 1.0
-            student, trial = self._trial(student, ratio, params.finetune_epochs * share)
+        for ratio in steps:
+            student, trial = self._trial(student, ratio, params.finetune_epochs / len(steps))
             trial["holdout_drop_points"] = round(reference - trial["holdout_top1"], 3)
             trials.append(trial)
             self.ctx.progress(f"prune: ratio {ratio}: held-out top-1 {trial['holdout_top1']:.2f} %"
@@ -193,24 +205,53 @@ class _Job:
 
     def _trial(self, base, ratio: float, epochs: float):
         """Prune a copy of ``base`` to ``ratio`` of the unpruned model's channels, fine-tune."""
+        channel_ratio = self._channel_ratio(base, ratio)
         student = copy.deepcopy(base)
-        prune_channels(student, self.spec, ratio, self.params.stage_ratios, self.params.scope,
-                       self.params.importance, self.multiple, self._batch(),
-                       self.params.reconstruct, self.widths_before)
+        self._prune(student, channel_ratio, self._batch(), self.params.reconstruct)
         widths = {name: [before, width] for name, width in conv_widths(student).items()
                   if width != (before := self.widths_before[name])}
         trial = {"ratio": ratio, "widths": widths, "macs": total_macs(student, self.spec)}
+        if self.params.ratio_of == "macs":
+            trial["channel_ratio"] = round(channel_ratio, 4)
         trial["finetune"] = self._finetune(student, epochs, self.time_left())
         if self.params.budget_points is not None or self.params.finetune_epochs > 0:
             trial["holdout_top1"] = round(self.accuracy(student), 3)
         return student, trial
+
+    def _prune(self, model, channel_ratio: float, batch=None, reconstruct: bool = False):
+        prune_channels(model, self.spec, channel_ratio, self.params.stage_ratios,
+                       self.params.scope, self.params.importance, self.multiple, batch,
+                       reconstruct, self.widths_before)
+
+    def _channel_ratio(self, base, ratio: float) -> float:
+        """``ratio`` itself, or for ``ratio_of`` 'macs' the smallest channel ratio (to 0.001)
+        whose pruned ``base`` has at most ``1 - ratio`` of the unpruned model's MACs."""
+        if self.params.ratio_of == "channels" or ratio == 0:
+            return ratio
+        target = (1 - ratio) * self.macs_before
+
+        def macs_at(channel_ratio: float) -> int:
+            probe = copy.deepcopy(base)
+            self._prune(probe, channel_ratio)
+            return total_macs(probe, self.spec)
+
+        low, high = 0.0, 0.999
+        if macs_at(high) > target:
+            raise PassError(f"prune: ratio {ratio} of MACs cannot be reached by removing "
+                            f"channels (at most {1 - macs_at(high) / self.macs_before:.3f} with "
+                            f"channel_multiple {self.multiple}); use a smaller ratio")
+        while high - low > 1e-3:
+            middle = (low + high) / 2
+            low, high = (low, middle) if macs_at(middle) <= target else (middle, high)
+        return high
 
     def _finetune(self, student, epochs: float, seconds: float) -> dict:
         if epochs <= 0 or seconds <= 0:
             return {"epochs": 0}
         result = distill(student, self.model, self.train, self.spec, epochs=epochs,
                          time_budget_s=seconds, lr=self.params.lr, batch=self.params.batch,
-                         seed=self.params.seed, progress=self.ctx.progress)
+                         seed=self.params.seed, progress=self.ctx.progress,
+                         augment=self.params.finetune_augment or None)
         return result.to_json()
 
     def _batch(self):
@@ -223,14 +264,15 @@ class _Job:
                 torch.from_numpy(subset.labels))
 
     def _report(self, student, trial, trials, reference=None) -> dict:
-        report = {"mode": "channel", "ratio": trial["ratio"], "channel_multiple": self.multiple,
+        report = {"mode": "channel", "ratio": trial["ratio"], "ratio_of": self.params.ratio_of,
+                  "channel_multiple": self.multiple,
                   "macs_before": self.macs_before, "macs_after": trial["macs"],
                   "macs_reduction": round(1 - trial["macs"] / self.macs_before, 4),
                   "widths": trial["widths"], "finetune": trial["finetune"],
                   "holdout": self.holdout.origin if len(self.holdout) else None,
                   "holdout_view": self.params.holdout_view,
                   "seconds": round(time.perf_counter() - self.started, 1)}
-        for key in ("holdout_top1", "holdout_drop_points"):
+        for key in ("channel_ratio", "holdout_top1", "holdout_drop_points"):
             if key in trial:
                 report[key] = trial[key]
         if reference is not None:
@@ -263,7 +305,8 @@ class _Job:
         result = distill(student, self.model, self.train, self.spec,
                          epochs=self.params.finetune_epochs, time_budget_s=self.time_left(),
                          lr=self.params.lr, batch=self.params.batch, seed=self.params.seed,
-                         progress=self.ctx.progress, after_step=reapply)
+                         progress=self.ctx.progress, after_step=reapply,
+                         augment=self.params.finetune_augment or None)
         return result.to_json()
 
 
