@@ -204,7 +204,8 @@ class _Job:
             f"smaller ratio (0 keeps every channel) or give more fine-tune epochs")
 
     def _trial(self, base, ratio: float, epochs: float):
-        """Prune a copy of ``base`` to ``ratio`` of the unpruned model's channels, fine-tune."""
+        """Prune a copy of ``base`` by ``ratio`` of the unpruned model's channels (or MACs,
+        per ``ratio_of``), fine-tune."""
         channel_ratio = self._channel_ratio(base, ratio)
         student = copy.deepcopy(base)
         self._prune(student, channel_ratio, self._batch(), self.params.reconstruct)
@@ -236,9 +237,10 @@ class _Job:
             return total_macs(probe, self.spec)
 
         low, high = 0.0, 0.999
-        if macs_at(high) > target:
+        fewest = macs_at(high)
+        if fewest > target:
             raise PassError(f"prune: ratio {ratio} of MACs cannot be reached by removing "
-                            f"channels (at most {1 - macs_at(high) / self.macs_before:.3f} with "
+                            f"channels (at most {1 - fewest / self.macs_before:.3f} with "
                             f"channel_multiple {self.multiple}); use a smaller ratio")
         while high - low > 1e-3:
             middle = (low + high) / 2
