@@ -9,11 +9,14 @@ off), all rows measured in this one run by the same runner protocol:
 - p50 / p90: one input repeated (the usual single-input latency);
 - stream mean: the whole evaluation split streamed in order, one image at a time (the number
   that counts for early-exit cascades, whose cost depends on the image).
-Under the table, each prune-int8 row's search: its seconds and every step's ratio, MACs,
-fine-tune epochs and held-out drop.
+Each latency is the median of ``--rounds`` rounds (default 3) that visit all rows in turn.
+Under the table, each prune-int8 row's search (its seconds and every step's ratio, MACs,
+fine-tune epochs and held-out drop) and each early-exit row's choice (exits, thresholds,
+held-out rates and expected saving).
 
     nice -n 10 python benchmarks/compare.py [--model examples/resnet20_cifar10/model.toml]
         [--recipe passes/int8.toml --recipe passes/exit-int8.toml ...] [--prune-ratios 0.3 0.5]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -137,12 +140,24 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
               size=manifest["size_bytes"], directory=result.directory)
     if "ratio" in prune:
         row.ratio = f"{prune['ratio']} of {prune.get('ratio_of', 'channels')}"
-    if "trials" in prune:
-        row.note = search_summary(prune)
+    notes = [search_summary(prune) if "trials" in prune else ""]
     if "early_exit" in reports:
         row.exits = "/".join(str(n) for n in manifest["accuracy"]["exits"])
         row.macs = None  # depends on the image; see the exit histogram
+        notes.append(exit_summary(reports["early_exit"]))
+    row.note = "; ".join(n for n in notes if n)
     return row
+
+
+def exit_summary(report: dict) -> str:
+    """The early_exit pass's choice: exits, thresholds, rates and saving on held-out images."""
+    split = report["threshold_split"]
+    exits = ", ".join(f"{e['after']} (threshold {e['threshold']:.4f}, rate {e['rate']:.3f})"
+                      for e in report["exits"]) or "none"
+    return (f"early_exit {report['seconds']:.0f} s, {len(report['candidates'])} candidates, "
+            f"kept {exits}; held-out top-1 {split['reference_top1'] * 100:.2f} % -> cascade "
+            f"{split['cascade_top1'] * 100:.2f} %, expected saving "
+            f"{report['expected_saving'] * 100:.1f} %")
 
 
 def search_summary(prune: dict) -> str:
@@ -158,16 +173,21 @@ def _channels(trial: dict) -> str:
     return f" (channel ratio {trial['channel_ratio']})" if "channel_ratio" in trial else ""
 
 
-def measure(rows: list[Row], test_npz: Path, count: int) -> None:
-    """p50/p90 on one input, then the mean over the streamed test split, row by row."""
+def measure(rows: list[Row], test_npz: Path, count: int, rounds: int) -> None:
+    """p50/p90 on one input and the mean over the streamed test split, each the median of
+    ``rounds`` rounds that visit every row in turn, so that a slow spell of the machine hits
+    all rows alike instead of whichever row it fell on."""
     device = LocalDevice()
     stream = MeasureSpec(warmup=20, repeat=count, min_time_s=0.0, threads=1, data=str(test_npz))
-    for row in rows:
-        if row.directory is None:
-            continue
-        single = device.measure(row.directory, SPEC)
-        row.p50, row.p90 = single.p50, single.p90
-        row.stream_mean = device.measure(row.directory, stream).mean
+    measured = [r for r in rows if r.directory is not None]
+    samples = {id(r): [] for r in measured}
+    for _ in range(rounds):
+        for row in measured:
+            single = device.measure(row.directory, SPEC)
+            samples[id(row)].append((single.p50, single.p90,
+                                     device.measure(row.directory, stream).mean))
+    for row in measured:
+        row.p50, row.p90, row.stream_mean = np.median(np.asarray(samples[id(row)]), axis=0)
 
 
 def print_table(model_name: str, count: int, rows: list[Row]) -> None:
@@ -197,6 +217,8 @@ def main() -> None:
     parser.add_argument("--prune-ratios", type=float, nargs="*", default=[])
     parser.add_argument("--prune-seconds", type=float, default=600.0,
                         help="cap on the fine-tune seconds of each --prune-ratios row")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="latency rounds over all rows; each figure is their median")
     args = parser.parse_args()
     recipes = args.recipe or [ROOT / "passes" / f"{name}.toml" for name in RECIPES]
     config = load_model_config(args.model)
@@ -212,7 +234,7 @@ def main() -> None:
         rows = [torch_row(model, config.input, evaluation, macs),
                 *ort_baselines(model, config, target, calibration, evaluation, workdir, macs)]
         rows += [edgec_row(args.model, recipe, workdir, macs) for recipe in recipes]
-        measure(rows, test_npz, len(evaluation))
+        measure(rows, test_npz, len(evaluation), args.rounds)
     print_table(config.name, len(evaluation), rows)
 
 

@@ -42,17 +42,20 @@ def _module_paths(node: fx.Node) -> set[str]:
 
 
 def auto_points(graph: fx.GraphModule) -> list[str]:
-    """The end of every top-level ``nn.Sequential`` stage except the last one."""
-    used = []  # top-level Sequential modules in execution order (types from the trace's meta:
-    for node in graph.graph.nodes:  # a GraphModule keeps leaf modules, not their containers)
+    """Every block of every top-level ``nn.Sequential`` stage, in execution order, except the
+    model's last block: the candidate exit points ``after = 'auto'`` chooses from."""
+    stages, blocks = set(), []  # module types come from the trace's meta: a GraphModule keeps
+    for node in graph.graph.nodes:  # leaf modules, not their containers
         for path, kind in node.meta.get("nn_module_stack", {}).values():
-            is_stage = "." not in path and isinstance(kind, type) and issubclass(kind, nn.Sequential)
-            if is_stage and path not in used:
-                used.append(path)
-    if len(used) < 2:
-        raise PassError(f"after = 'auto' found {len(used)} nn.Sequential stages; name the blocks "
-                        f"to exit after, e.g. after = [\"layer1.2\"]")
-    return used[:-1]
+            if "." not in path and isinstance(kind, type) and issubclass(kind, nn.Sequential):
+                stages.add(path)
+            parent = path.rsplit(".", 1)[0]
+            if path.count(".") == 1 and parent in stages and path not in blocks:
+                blocks.append(path)
+    if len(blocks) < 2:
+        raise PassError(f"after = 'auto' found {len(blocks)} blocks in nn.Sequential stages; "
+                        f"name the blocks to exit after, e.g. after = [\"layer1.2\"]")
+    return blocks[:-1]
 
 
 def boundary_index(nodes: list[fx.Node], name: str) -> int:
@@ -290,6 +293,12 @@ class CostModel:
     def plain(self) -> float:
         return sum(self.segments) + self.call
 
+    def subset(self, exits: list[int]) -> CostModel:
+        """The costs with only ``exits`` kept: the segments between them merged."""
+        bounds = [0, *[k + 1 for k in exits], len(self.segments)]
+        return CostModel(segments=tuple(sum(self.segments[a:b]) for a, b in zip(bounds, bounds[1:])),
+                         heads=tuple(self.heads[k] for k in exits), call=self.call)
+
     def expected(self, exit_at: np.ndarray, enabled: list[int]) -> float:
         """Mean latency when sample i leaves at exit ``exit_at[i]`` (K = the final output)."""
         k_final = len(self.segments) - 1
@@ -309,10 +318,12 @@ def confidence(logits: np.ndarray) -> np.ndarray:
     return (1.0 / e.sum(axis=1)).astype(np.float32)
 
 
-def cascade_exits(conf: list[np.ndarray], thresholds: list[float]) -> np.ndarray:
-    """Where each sample leaves: the first exit whose confidence reaches its threshold, else K."""
+def cascade_exits(conf: list[np.ndarray], thresholds: list[float],
+                  count: int | None = None) -> np.ndarray:
+    """Where each sample leaves: the first exit whose confidence reaches its threshold, else K.
+    ``count``: the number of samples, needed only when there are no exits."""
     k = len(conf)
-    exit_at = np.full(len(conf[0]) if conf else 0, k, dtype=np.int64)
+    exit_at = np.full(len(conf[0]) if conf else count, k, dtype=np.int64)
     for j in reversed(range(k)):
         exit_at[conf[j] >= thresholds[j]] = j
     return exit_at
@@ -325,8 +336,10 @@ def cascade_correct(exit_at, exit_correct: list[np.ndarray], final_correct) -> n
 
 def choose_thresholds(exit_logits: list[np.ndarray], final_logits: np.ndarray,
                       labels: np.ndarray, costs: CostModel, budget_points: float,
-                      candidates: int = 64, sweeps: int = 4) -> list[float]:
-    """Per-exit thresholds minimising expected latency with a top-1 drop <= ``budget_points``.
+                      reference_top1: float | None = None, candidates: int = 64,
+                      sweeps: int = 4) -> list[float]:
+    """Per-exit thresholds minimising expected latency with a top-1 drop <= ``budget_points``
+    below ``reference_top1`` (default: the final output's own top-1 on these labels).
 
     Coordinate descent over each exit's candidate thresholds (midpoints between observed
     confidences, so no sample sits exactly on a threshold) plus 'never' (2.0).
@@ -334,7 +347,8 @@ def choose_thresholds(exit_logits: list[np.ndarray], final_logits: np.ndarray,
     conf = [confidence(z) for z in exit_logits]
     exit_correct = [np.argmax(z, 1) == labels for z in exit_logits]
     final_correct = np.argmax(final_logits, 1) == labels
-    floor = final_correct.mean() - budget_points / 100.0 - 1e-12
+    reference = final_correct.mean() if reference_top1 is None else reference_top1
+    floor = reference - budget_points / 100.0 - 1e-12
     grids = [_candidate_thresholds(c, candidates) for c in conf]
     thresholds = [2.0] * len(conf)
 
@@ -356,6 +370,37 @@ def choose_thresholds(exit_logits: list[np.ndarray], final_logits: np.ndarray,
         if not improved:
             break
     return thresholds
+
+
+def select_exits(exit_logits: list[np.ndarray], final_logits: np.ndarray, labels: np.ndarray,
+                 costs: CostModel, budget_points: float, max_exits: int,
+                 reference_top1: float | None = None,
+                 min_gain: float = 0.002) -> tuple[list[int], list[float]]:
+    """Greedy forward selection of at most ``max_exits`` candidate exits and their thresholds.
+
+    Each round adds the candidate whose inclusion (thresholds re-chosen for the whole subset)
+    lowers the expected latency most, and stops when no candidate saves another ``min_gain``
+    of the plain latency. Exits whose threshold ends above 1 (never fire) are dropped: a
+    ramp that never fires is pure overhead. ``reference_top1``: as for
+    :func:`choose_thresholds`. Returns (candidate indices, their thresholds).
+    """
+    def expected(subset):  # (expected ms, thresholds) with exactly ``subset`` as exits
+        sub_costs = costs.subset(subset)
+        ts = choose_thresholds([exit_logits[j] for j in subset], final_logits, labels,
+                               sub_costs, budget_points, reference_top1)
+        exit_at = cascade_exits([confidence(exit_logits[j]) for j in subset], ts)
+        return sub_costs.expected(exit_at, [j for j, t in enumerate(ts) if t <= 1.0]), ts
+
+    chosen, thresholds, best = [], [], costs.plain()
+    while len(chosen) < max_exits and len(chosen) < len(exit_logits):
+        trials = [(*expected(sorted([*chosen, k])), sorted([*chosen, k]))
+                  for k in range(len(exit_logits)) if k not in chosen]
+        value, ts, subset = min(trials, key=lambda t: t[0])
+        if value > best - min_gain * costs.plain():
+            break
+        best, chosen, thresholds = value, subset, ts
+    firing = [j for j, t in enumerate(thresholds) if t <= 1.0]
+    return [chosen[j] for j in firing], [thresholds[j] for j in firing]
 
 
 def _candidate_thresholds(conf: np.ndarray, count: int) -> list[float]:

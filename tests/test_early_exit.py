@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from edgec import exits as ee
+from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact
 from edgec.backends.cascade import stage_graphs
 from edgec.build import BuildRequest, build, write_artifact
 from edgec.config import from_dict
 from edgec.data import Dataset, preprocess
 from edgec.devices import LocalDevice
-from edgec.errors import ConfigError, PassError
+from edgec.errors import BudgetError, ConfigError, PassError
 from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, run_graph
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass
@@ -127,9 +128,10 @@ def test_budget_zero_keeps_threshold_split_accuracy(resnet20, resnet20_config, c
     assert split["cascade_top1"] >= split["plain_top1"]
     assert sum(split["histogram"]) == 800
     assert report["expected_saving"] >= 0.0
-    kept = [e for e in report["exits"] if e["kept"]]
-    assert [e["after"] for e in built.extras["cascade"]["exits"]] == [e["after"] for e in kept]
-    assert all(e["rate"] > 0 for e in kept)  # a ramp that never fires is dropped
+    kept = [c["after"] for c in report["candidates"] if c["kept"]]
+    assert [e["after"] for e in built.extras["cascade"]["exits"]] == kept
+    assert [e["after"] for e in report["exits"]] == kept
+    assert all(e["rate"] > 0 for e in report["exits"])  # a ramp that never fires is dropped
 
 
 def test_stage_graphs_chain_to_the_original_logits(resnet20, resnet20_config, cifar_train_slice):
@@ -213,8 +215,44 @@ def test_params_errors(table, message):
         from_dict(EarlyExitParams, table, "recipe.toml step 2 (early_exit)")
 
 
-def test_auto_points_are_stage_ends(resnet20):
-    assert ee.auto_points(ee.trace(resnet20)) == ["layer1", "layer2"]
+def test_auto_candidates_are_every_block_but_the_last(resnet20):
+    assert ee.auto_points(ee.trace(resnet20)) == [f"layer{s}.{b}" for s in (1, 2, 3)
+                                                  for b in range(3)][:-1]
+
+
+def _synthetic_exits(seed=0, n=4000):
+    """Labels, a final output right on 95 %, and three exits right on 60, 80 and 93 % whose
+    confidence is high exactly when they are right (so they can leave early at no cost)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+
+    def logits(accuracy):
+        right = rng.random(n) < accuracy
+        guess = np.where(right, labels, (labels + 1 + rng.integers(0, 9, n)) % 10)
+        z = rng.normal(0, 0.1, (n, 10)).astype(np.float32)
+        z[np.arange(n), guess] += np.where(right, 8.0, 1.0)
+        return z
+
+    return labels, logits(0.95), [logits(a) for a in (0.6, 0.8, 0.93)]
+
+
+def test_exit_selection_keeps_the_exits_that_pay():
+    labels, final, exits = _synthetic_exits()
+    costs = ee.CostModel(segments=(1.0, 1.0, 1.0, 1.0), heads=(0.05, 0.05, 0.05), call=0.01)
+    chosen, thresholds = ee.select_exits(exits, final, labels, costs, budget_points=1.0,
+                                         max_exits=3)
+    assert chosen[0] == 0 and chosen == sorted(chosen)  # the early exit saves the most
+    assert all(t <= 1.0 for t in thresholds)
+    only_one, _ = ee.select_exits(exits, final, labels, costs, 1.0, max_exits=1)
+    assert only_one == [0]
+    expensive = ee.CostModel(segments=(1.0, 1.0, 1.0, 1.0), heads=(5.0, 5.0, 5.0), call=0.01)
+    assert ee.select_exits(exits, final, labels, expensive, 1.0, 3) == ([], [])
+
+
+def test_cost_subset_merges_the_segments_between_kept_exits():
+    costs = ee.CostModel(segments=(1.0, 2.0, 3.0, 4.0), heads=(0.1, 0.2, 0.3), call=0.5)
+    assert costs.subset([1]) == ee.CostModel(segments=(3.0, 7.0), heads=(0.2,), call=0.5)
+    assert costs.subset([]).plain() == costs.plain()
 
 
 def test_joint_finetune_runs_within_its_budget(digits_model, digits_config, digits_data, tmp_path):
@@ -227,6 +265,23 @@ def test_joint_finetune_runs_within_its_budget(digits_model, digits_config, digi
     assert done["steps"] == 4 and done["stopped_by"] == "epochs" and done["seconds"] <= 31
     after = digits_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input model is untouched
+
+
+def test_joint_finetune_spends_the_same_budget(digits_model, digits_config, digits_data,
+                                               tmp_path):
+    settings = {**DIGITS_EXIT, "finetune_epochs": 1.0, "budget": 5.0}
+    (tmp_path / "gentle").mkdir()
+    (tmp_path / "harsh").mkdir()
+    built = _run(digits_model, digits_config.input, digits_data[0], tmp_path / "gentle",
+                 EarlyExitParams(**settings, finetune_lr=1e-4))
+    split = built.lineage[-1].report["threshold_split"]
+    choice = digits_data[0].slice(800, 1200)
+    assert split["reference_top1"] == top1(torch_logits(digits_model, choice,
+                                                        digits_config.input), choice.labels)
+    assert split["cascade_top1"] >= split["reference_top1"] - 0.05
+    with pytest.raises(BudgetError, match="joint fine-tuning alone cost the final output"):
+        _run(digits_model, digits_config.input, digits_data[0], tmp_path / "harsh",
+             EarlyExitParams(**settings, finetune_lr=20.0))
 
 
 def test_backbone_finetuned_with_batchnorm_deploys_folded(digits_model, digits_config,

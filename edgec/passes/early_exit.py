@@ -6,12 +6,14 @@ head's ``exit_k`` and the ``feature_k`` maps the later stages start from, plus
 that one graph, so every stage is calibrated on the real stage inputs of the calibration split;
 the ``cascade`` backend then cuts it into one ONNX graph per stage.
 
-Steps: (1) cut the model after each exit point; (2) train a small head per exit on cached
-features of the frozen backbone, distilling from the final logits; (3) optionally fine-tune
-backbone and heads jointly, distilling from the original model; (4) measure each stage's and
-head's latency (and one runtime call) with ONNX Runtime; (5) on training images disjoint from
-those of step 2, choose per-exit max-softmax thresholds that minimise expected latency with a
-top-1 drop within ``budget`` points; (6) drop exits that never fire.
+Steps: (1) cut the model after each candidate exit point; (2) train a small head per candidate
+on cached features of the frozen backbone, distilling from the final logits; (3) optionally
+fine-tune backbone and heads jointly, distilling from the original model; (4) measure each
+segment's and head's latency (and one runtime call) with ONNX Runtime; (5) on training images
+disjoint from those of step 2, choose the exits greedily and their max-softmax thresholds so
+that the expected latency is lowest with a top-1 drop within ``budget`` points of the input
+model (what joint fine-tuning cost is spent from the same budget); exits that never fire are
+dropped.
 
 Joint fine-tuning trains far better with BatchNorm than on a folded backbone: put
 ``fuse`` with ``fold_bn = false`` before this pass; the stages are folded for deployment here.
@@ -28,11 +30,12 @@ import onnx
 import torch
 
 from edgec import exits as ee
+from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact
 from edgec.backends.cascade import stage_graphs
 from edgec.config import check_choice
-from edgec.data import Dataset, preprocess
-from edgec.errors import PassError
+from edgec.data import AUGMENTS, Dataset, preprocess
+from edgec.errors import BudgetError, PassError
 from edgec.pipeline import Context, Step
 from edgec.train import distill
 
@@ -46,9 +49,12 @@ FINETUNE_MAX_GRAD_NORM = 2.0
 class EarlyExitParams:
     """Where exits go, how heads are trained, and the accuracy budget.
 
-    ``after``: module names of the blocks to exit after (in execution order), or "auto" (the end
-    of every top-level nn.Sequential stage but the last). ``head``: "linear" (pool + linear),
-    "mlp" (pool + linear + ReLU + linear) or "conv" (3×3 stride-2 conv + pool + linear), with
+    ``after``: the candidate exit points, module names of blocks in execution order, or "auto"
+    (every block of every top-level nn.Sequential stage but the model's last block). Every
+    candidate gets a head; greedy forward selection on the threshold split then keeps at most
+    ``max_exits`` of them, each added only if it lowers the expected latency. ``head``: "linear"
+    (pool + linear), "mlp" (pool + linear + ReLU + linear) or "conv" (3×3 stride-2 conv + pool +
+    linear), with
     adaptive pooling to ``pool``×``pool`` and ``head_width`` hidden units/channels (0: default).
     ``budget``: allowed top-1 drop in points on the threshold split. ``thresholds``: fixed
     per-exit thresholds instead of the budget search (exits are then all kept).
@@ -57,7 +63,8 @@ class EarlyExitParams:
     the first ``cache_count`` of the training images. ``finetune_epochs`` /
     ``finetune_seconds``: joint fine-tuning of backbone and heads (0: off; the time limit stops
     it early) with SGD at ``finetune_lr`` (cosine), every exit's loss weighted 1 and the final
-    output's ``final_weight``.
+    output's ``final_weight``, on ``finetune_augment`` (see ``edgec.data.AUGMENTS``; empty: the
+    data's own).
     ``cost_precision``: measure stage costs on the fp32 or the int8 (quantized) stage graphs.
     """
 
@@ -67,6 +74,7 @@ class EarlyExitParams:
     head_width: int = 0
     budget: float = 1.0
     thresholds: tuple[float, ...] = ()
+    max_exits: int = 3
     train_count: int = 10000
     threshold_count: int = 5000
     cache_count: int = 10000
@@ -77,6 +85,7 @@ class EarlyExitParams:
     finetune_seconds: float = 0.0
     finetune_lr: float = 0.001
     final_weight: float = 1.0
+    finetune_augment: str = ""
     cost_precision: str = "fp32"
     cost_repeats: int = 200
     opset: int = 17
@@ -94,14 +103,18 @@ class EarlyExitParams:
             raise ValueError(f"budget {self.budget} must be >= 0 (top-1 points)")
         if any(t < 0 for t in self.thresholds):
             raise ValueError(f"thresholds {self.thresholds} must be >= 0 (above 1: never exit)")
-        if min(self.train_count, self.threshold_count, self.cache_count, self.epochs) < 1:
-            raise ValueError("train_count, threshold_count, cache_count and epochs must be >= 1")
+        if min(self.train_count, self.threshold_count, self.cache_count, self.epochs,
+               self.max_exits) < 1:
+            raise ValueError("train_count, threshold_count, cache_count, epochs and max_exits "
+                             "must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_seconds < 0:
             raise ValueError("finetune_epochs and finetune_seconds must be >= 0")
         if self.finetune_lr <= 0 or self.final_weight <= 0:
             raise ValueError(f"finetune_lr {self.finetune_lr} and final_weight "
                              f"{self.final_weight} must be > 0")
         check_choice("cost_precision", self.cost_precision, COST_PRECISIONS)
+        if self.finetune_augment:
+            check_choice("finetune_augment", self.finetune_augment, AUGMENTS)
         if self.cost_repeats < 5:
             raise ValueError(f"cost_repeats {self.cost_repeats} must be >= 5")
 
@@ -135,25 +148,51 @@ class EarlyExitPass:
         combined = onnx.load_from_string(ee.export_exit_model(deploy, ctx.input_spec.shape,
                                                               params.opset))
         costs = measure_costs(combined, len(points), params, ctx)
-        ctx.progress("early_exit: choosing thresholds")
+        ctx.progress(f"early_exit: choosing exits and thresholds among {len(points)} candidates")
         outputs = run_graph(combined, choice_data, ctx.input_spec, len(points), features=False)
-        thresholds = list(params.thresholds) or ee.choose_thresholds(
-            outputs[1:], outputs[0], choice_data.labels, costs, params.budget)
-        choice = _evaluate_choice(outputs, choice_data.labels, thresholds, costs)
-        kept = list(range(len(points))) if params.thresholds else [
-            k for k in range(len(points)) if thresholds[k] <= 1.0 and choice["rates"][k] > 0]
+        reference = _reference_top1(artifact.payload, outputs[0], choice_data, finetuned, params,
+                                    ctx)
+        kept, thresholds = _choose(outputs, choice_data.labels, costs, reference, params)
+        choice = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]],
+                                  choice_data.labels, thresholds, costs.subset(kept))
+        choice["reference_top1"] = reference
         path = ctx.workdir / f"{len(artifact.lineage):02d}-early_exit.onnx"
         path.write_bytes(ee.export_exit_model(deploy.keep(kept), ctx.input_spec.shape,
                                               params.opset))
-        cascade = {"exits": [{"after": points[k], "threshold": thresholds[k],
-                              "rate": choice["rates"][k], "head_macs": macs["heads"][k]}
-                             for k in kept],
+        cascade = {"exits": [{"after": points[k], "threshold": t, "rate": rate,
+                              "head_macs": macs["heads"][k]}
+                             for k, t, rate in zip(kept, thresholds, choice["rates"])],
                    "expected_saving": choice["expected_saving"]}
-        report = _report(points, kept, thresholds, choice, costs, macs, head_data, choice_data,
-                         finetuned, time.perf_counter() - started)
-        ctx.progress(f"early_exit: {len(kept)} exits, expected saving "
-                     f"{choice['expected_saving'] * 100:.1f} %")
+        report = _report(points, kept, thresholds, outputs, choice, costs, macs, head_data,
+                         choice_data, finetuned, time.perf_counter() - started)
+        ctx.progress(f"early_exit: {len(kept)} exits {[points[k] for k in kept]}, expected "
+                     f"saving {choice['expected_saving'] * 100:.1f} %")
         return artifact.derive("onnx", path, Step(self, params).lineage(report), cascade=cascade)
+
+
+def _reference_top1(source, final_logits, data: Dataset, finetuned: dict, params,
+                    ctx) -> float:
+    """Top-1 of the pass's input model on the threshold split: the budget counts from it, so
+    what joint fine-tuning cost the final output is spent from the same budget."""
+    final_top1 = float((np.argmax(final_logits, 1) == data.labels).mean())
+    if not finetuned or params.thresholds:
+        return final_top1
+    reference = top1(torch_logits(source.eval(), data, ctx.input_spec), data.labels)
+    spent = (reference - final_top1) * 100
+    if spent > params.budget:
+        raise BudgetError(f"joint fine-tuning alone cost the final output {spent:.2f} top-1 "
+                          f"points on {data.origin}, over budget = {params.budget}; raise "
+                          f"final_weight, lower finetune_lr or set finetune_epochs = 0")
+    return reference
+
+
+def _choose(outputs, labels, costs: ee.CostModel, reference_top1: float,
+            params) -> tuple[list[int], list[float]]:
+    """(candidate indices kept, their thresholds): fixed thresholds keep every exit."""
+    if params.thresholds:
+        return list(range(len(params.thresholds))), list(params.thresholds)
+    return ee.select_exits(outputs[1:], outputs[0], labels, costs, params.budget,
+                           params.max_exits, reference_top1)
 
 
 def _splits(calibration: Dataset | None, params: EarlyExitParams) -> tuple[Dataset, Dataset]:
@@ -221,7 +260,8 @@ def _finetune(model: ee.ExitModel, source, data: Dataset, params, ctx) -> dict:
                      epochs=params.finetune_epochs, time_budget_s=params.finetune_seconds or
                      float("inf"), lr=params.finetune_lr, temperature=params.temperature,
                      alpha=0.7, seed=ctx.seed, progress=ctx.progress, weights=weights,
-                     max_grad_norm=FINETUNE_MAX_GRAD_NORM)
+                     max_grad_norm=FINETUNE_MAX_GRAD_NORM,
+                     augment=params.finetune_augment or None)
     model.eval()
     return result.to_json()
 
@@ -315,7 +355,7 @@ def _quartile_times(runs, repeats: int) -> list[float]:
 def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
     final, exit_logits = outputs[0], outputs[1:]
     conf = [ee.confidence(z) for z in exit_logits]
-    exit_at = ee.cascade_exits(conf, thresholds)
+    exit_at = ee.cascade_exits(conf, thresholds, len(labels))
     correct = ee.cascade_correct(exit_at, [np.argmax(z, 1) == labels for z in exit_logits],
                                  np.argmax(final, 1) == labels)
     enabled = [k for k, t in enumerate(thresholds) if t <= 1.0]
@@ -329,18 +369,24 @@ def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
             "expected_saving": 1.0 - expected / costs.plain()}
 
 
-def _report(points, kept, thresholds, choice, costs, macs, head_data, choice_data, finetuned,
-            seconds) -> dict:
-    plain_macs = sum(macs["segments"])
-    return {
-        "exits": [{"after": points[k], "threshold": round(thresholds[k], 6),
-                   "rate": round(choice["rates"][k], 4), "kept": k in kept,
+def _report(points, kept, thresholds, outputs, choice, costs, macs, head_data, choice_data,
+            finetuned, seconds) -> dict:
+    labels = choice_data.labels
+    chosen = dict(zip(kept, thresholds))
+    candidates = [{"after": points[k], "kept": k in chosen,
+                   "threshold": round(chosen[k], 6) if k in chosen else None,
+                   "threshold_split_top1": round(float((np.argmax(z, 1) == labels).mean()), 4),
                    "head_macs": macs["heads"][k], "segment_macs": macs["segments"][k],
                    "segment_ms": round(costs.segments[k], 4), "head_ms": round(costs.heads[k], 4)}
-                  for k in range(len(points))],
+                  for k, z in enumerate(outputs[1:])]
+    return {
+        "exits": [{"after": points[k], "threshold": round(t, 6), "rate": round(rate, 4)}
+                  for k, t, rate in zip(kept, thresholds, choice["rates"])],
+        "candidates": candidates,
         "final_segment_ms": round(costs.segments[-1], 4), "call_ms": round(costs.call, 4),
-        "plain_macs": plain_macs,
+        "plain_macs": sum(macs["segments"]),
         "threshold_split": {"data": choice_data.origin, "images": len(choice_data),
+                            "reference_top1": choice["reference_top1"],
                             "plain_top1": choice["plain_top1"],
                             "cascade_top1": choice["cascade_top1"],
                             "histogram": choice["histogram"]},
