@@ -284,7 +284,8 @@ def train_head(head: nn.Module, features: np.ndarray, teacher: np.ndarray, label
 # ---------------------------------------------------------------------------- thresholds
 @dataclass(frozen=True)
 class CostModel:
-    """Measured milliseconds: backbone segment k, head k, and one runtime call."""
+    """Measured milliseconds: backbone segment k, head k, and one stage boundary (``call``:
+    a runtime call plus what cutting the graph there costs)."""
 
     segments: tuple[float, ...]
     heads: tuple[float, ...]

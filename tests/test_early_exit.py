@@ -114,8 +114,14 @@ def test_thresholds_of_zero_leave_at_the_first_exit(digits_model, digits_config,
     directory, npz = _deploy(built, digits_config, tmp_path, evaluation)
     result = LocalDevice().evaluate(directory, str(npz))
     assert result["exits"] == [len(evaluation), 0]
-    onnx_head = onnx.load(str(built.payload))
-    assert any(n.op_type == "QuantizeLinear" for n in onnx_head.graph.node)  # int8 stages
+    graph = onnx.load(str(built.payload)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # int8 stages
+    heads = [n for n in graph.node if n.name in built.extras["float_nodes"]]
+    assert {n.op_type for n in heads} >= {"Gemm"}  # the exit head stays float
+    producers = {out: n.op_type for n in graph.node for out in n.output}
+    weights = [n.input[1] for n in heads if n.op_type == "Gemm"]
+    assert all(producers.get(w) != "DequantizeLinear" for w in weights)
+    assert built.lineage[-1].report["float_nodes"] == len(built.extras["float_nodes"])
 
 
 def test_budget_zero_keeps_threshold_split_accuracy(resnet20, resnet20_config, cifar_train_slice,

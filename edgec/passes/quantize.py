@@ -111,14 +111,16 @@ class QuantizePass:
         path = ctx.workdir / f"{len(artifact.lineage):02d}-quantize.onnx"
         batches, report = calibration_batches(params, ctx)
         with tempfile.TemporaryDirectory(prefix="quantize-", dir=ctx.workdir) as scratch:
-            quantizer = Quantizer(artifact.payload, batches, params, Path(scratch))
+            quantizer = Quantizer(artifact.payload, batches, params, Path(scratch),
+                                  artifact.extras.get("float_nodes", ()))
             if params.mode == "int8":
                 quantizer.write({}, path)
                 bits = {name: 8 for name in quantizer.weights}
             else:
                 bits, mixed_report = choose_mixed(quantizer, artifact, params, ctx, path)
                 report.update(mixed_report)
-        report.update(bits=bits, weight_bytes=weight_bytes(path))
+        report.update(bits=bits, weight_bytes=weight_bytes(path),
+                      float_nodes=len(quantizer.float_nodes))
         ctx.progress(f"quantize: {params.mode} ({report['calibration']}), "
                      f"{sum(b == 4 for b in bits.values())} of {len(bits)} layers at 4 bits")
         precision = "int8" if params.mode == "int8" else "mixed-int4-int8"
@@ -156,17 +158,21 @@ def calibration_batches(params: QuantizeParams, ctx: Context) -> tuple[list[np.n
 class Quantizer:
     """quantize_static on one pre-processed model, with per-layer int4 weight overrides.
 
-    ``scratch`` holds the pre-processed model and the candidate models.
+    ``scratch`` holds the pre-processed model and the candidate models. ``float_nodes``: names
+    of nodes left in float (an earlier pass asked for them in ``extras['float_nodes']``).
     """
 
-    def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams, scratch: Path):
+    def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams, scratch: Path,
+                 float_nodes: tuple[str, ...] | list[str] = ()):
         self.batches, self.params, self.scratch = batches, params, scratch
+        self.float_nodes = list(float_nodes)
         self.pre = scratch / "pre.onnx"
         _pre_process(source, self.pre)
         graph = onnx.load(str(self.pre)).graph
         self.initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         names = dict.fromkeys(n.input[1] for n in graph.node if n.op_type in QUANTIZED_OPS
-                              and len(n.input) > 1 and n.input[1] in self.initializers)
+                              and len(n.input) > 1 and n.input[1] in self.initializers
+                              and n.name not in self.float_nodes)
         self.tensor_names = {layer_name(n): n for n in names}
         self.weights = {layer_name(n): self.initializers[n] for n in names}
 
@@ -182,7 +188,8 @@ class Quantizer:
                              "zero_point": np.int8(0)} for s in scales]
                 channels[0]["axis"] = 0
                 overrides[self.tensor_names[layer]] = channels
-        _quantize_static(self.pre, target, self.batches, self.params, overrides)
+        _quantize_static(self.pre, target, self.batches, self.params, overrides,
+                         self.float_nodes)
 
 
 def layer_name(tensor: str) -> str:
@@ -360,17 +367,19 @@ def _pre_process(source, target: Path) -> None:
     quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
 
 
-def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizeParams) -> None:
-    """quant_pre_process then quantize_static (QDQ, int8 weights and activations)."""
+def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizeParams,
+                  float_nodes: list[str] = ()) -> None:
+    """quant_pre_process then quantize_static (QDQ, int8 weights and activations), the nodes
+    named in ``float_nodes`` left in float."""
     target = Path(target)
     pre = target.with_suffix(".pre.onnx")
     _pre_process(source, pre)
-    _quantize_static(pre, target, batches, params)
+    _quantize_static(pre, target, batches, params, float_nodes=float_nodes)
     pre.unlink()
 
 
 def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params: QuantizeParams,
-                     overrides: dict | None = None) -> None:
+                     overrides: dict | None = None, float_nodes: list[str] = ()) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -378,6 +387,7 @@ def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params:
     quantize_static(str(pre), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                     per_channel=params.per_channel, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=method,
+                    nodes_to_exclude=list(float_nodes),
                     extra_options={"TensorQuantOverrides": overrides or {}})
 
 
