@@ -9,7 +9,7 @@ the ``cascade`` backend then cuts it into one ONNX graph per stage.
 Steps: (1) cut the model after each candidate exit point; (2) train a small head per candidate
 on cached features of the frozen backbone, distilling from the final logits; (3) optionally
 fine-tune backbone and heads jointly, distilling from the original model; (4) measure each
-segment's and head's latency (and one runtime call) with ONNX Runtime; (5) on training images
+segment's and head's latency and what a stage boundary costs, with ONNX Runtime; (5) on training images
 disjoint from those of step 2, choose the exits greedily and their max-softmax thresholds so
 that the expected latency is lowest with a top-1 drop within ``budget`` points of the input
 model (what joint fine-tuning cost is spent from the same budget); exits that never fire are
@@ -55,8 +55,8 @@ class EarlyExitParams:
     candidate gets a head; greedy forward selection on the threshold split then keeps at most
     ``max_exits`` of them, each added only if it lowers the expected latency. ``head``: "linear"
     (pool + linear), "mlp" (pool + linear + ReLU + linear) or "conv" (3×3 stride-2 conv + pool +
-    linear), with
-    adaptive pooling to ``pool``×``pool`` and ``head_width`` hidden units/channels (0: default).
+    linear), with adaptive pooling to ``pool``×``pool`` and ``head_width`` hidden
+    units/channels (0: default).
     ``budget``: allowed top-1 drop in points on the threshold split. ``thresholds``: fixed
     per-exit thresholds instead of the budget search (exits are then all kept).
     ``train_count`` / ``threshold_count``: disjoint slices of the calibration split for head
@@ -158,9 +158,8 @@ class EarlyExitPass:
                                   choice_data.labels, thresholds, costs.subset(kept))
         choice["reference_top1"] = reference
         path = ctx.workdir / f"{len(artifact.lineage):02d}-early_exit.onnx"
-        path.write_bytes(ee.export_exit_model(deploy.keep(kept), ctx.input_spec.shape,
-                                              params.opset))
-        float_nodes = head_nodes(onnx.load(str(path)))
+        exported = ee.export_exit_model(deploy.keep(kept), ctx.input_spec.shape, params.opset)
+        path.write_bytes(exported)
         cascade = {"exits": [{"after": points[k], "threshold": t, "rate": rate,
                               "head_macs": macs["heads"][k]}
                              for k, t, rate in zip(kept, thresholds, choice["rates"])],
@@ -170,14 +169,14 @@ class EarlyExitPass:
         ctx.progress(f"early_exit: {len(kept)} exits {[points[k] for k in kept]}, expected "
                      f"saving {choice['expected_saving'] * 100:.1f} %")
         return artifact.derive("onnx", path, Step(self, params).lineage(report), cascade=cascade,
-                               float_nodes=float_nodes)
+                               float_nodes=ee.head_node_names(onnx.load_from_string(exported)))
 
 
 def _reference_top1(source, final_logits, data: Dataset, finetuned: dict, params,
                     ctx) -> float:
     """Top-1 of the pass's input model on the threshold split: the budget counts from it, so
     what joint fine-tuning cost the final output is spent from the same budget."""
-    final_top1 = float((np.argmax(final_logits, 1) == data.labels).mean())
+    final_top1 = top1(final_logits, data.labels)
     if not finetuned or params.thresholds:
         return final_top1
     reference = top1(torch_logits(source.eval(), data, ctx.input_spec), data.labels)
@@ -349,13 +348,6 @@ def _stream_times(chains, images: np.ndarray, rounds: int = 5) -> list[float]:
     return [float(np.percentile(s[1:], 25)) for s in samples]
 
 
-def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the exit heads' nodes. A following ``quantize`` leaves them in float: at
-    these sizes the int8 head's quantize/dequantize steps cost more than its arithmetic
-    (ResNet-56, heads after layer3.1/3.4/3.6: 0.019–0.024 ms in int8, 0.011–0.014 in float)."""
-    return [node.name for node in model.graph.node if node.name.startswith("/heads.")]
-
-
 def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
     from edgec.passes.quantize import QuantizeParams, quantize_int8
 
@@ -365,7 +357,7 @@ def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
     images = ctx.calibration.images[:64]
     batches = [preprocess(images[i:i + 32], ctx.input_spec) for i in range(0, len(images), 32)]
     quantize_int8(source, target, batches, QuantizeParams(calibration_count=len(images)),
-                  head_nodes(combined))
+                  ee.head_node_names(combined))
     model = onnx.load(str(target))
     source.unlink()
     target.unlink()
@@ -396,7 +388,7 @@ def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
     enabled = [k for k, t in enumerate(thresholds) if t <= 1.0]
     expected = costs.expected(exit_at, enabled)
     counts = np.bincount(exit_at, minlength=len(thresholds) + 1)
-    plain_top1 = float((np.argmax(final, 1) == labels).mean())
+    plain_top1 = top1(final, labels)
     return {"rates": [float(c) / len(labels) for c in counts[:-1]],
             "histogram": [int(c) for c in counts],
             "plain_top1": plain_top1, "cascade_top1": float(correct.mean()),
@@ -410,7 +402,7 @@ def _report(points, kept, thresholds, outputs, choice, costs, macs, head_data, c
     chosen = dict(zip(kept, thresholds))
     candidates = [{"after": points[k], "kept": k in chosen,
                    "threshold": round(chosen[k], 6) if k in chosen else None,
-                   "threshold_split_top1": round(float((np.argmax(z, 1) == labels).mean()), 4),
+                   "threshold_split_top1": round(top1(z, labels), 4),
                    "head_macs": macs["heads"][k], "segment_macs": macs["segments"][k],
                    "segment_ms": round(costs.segments[k], 4), "head_ms": round(costs.heads[k], 4)}
                   for k, z in enumerate(outputs[1:])]

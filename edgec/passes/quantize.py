@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class Quantizer:
     """
 
     def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams, scratch: Path,
-                 float_nodes: tuple[str, ...] | list[str] = ()):
+                 float_nodes: Sequence[str] = ()):
         self.batches, self.params, self.scratch = batches, params, scratch
         self.float_nodes = list(float_nodes)
         self.pre = scratch / "pre.onnx"
@@ -368,7 +369,7 @@ def _pre_process(source, target: Path) -> None:
 
 
 def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizeParams,
-                  float_nodes: list[str] = ()) -> None:
+                  float_nodes: Sequence[str] = ()) -> None:
     """quant_pre_process then quantize_static (QDQ, int8 weights and activations), the nodes
     named in ``float_nodes`` left in float."""
     target = Path(target)
@@ -379,7 +380,8 @@ def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizePar
 
 
 def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params: QuantizeParams,
-                     overrides: dict | None = None, float_nodes: list[str] = ()) -> None:
+                     overrides: dict | None = None,
+                     float_nodes: Sequence[str] = ()) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
