@@ -163,6 +163,23 @@ def test_stage_graphs_chain_to_the_original_logits(resnet20, resnet20_config, ci
     assert np.abs(whole - original).max() < 1e-4
 
 
+def test_int8_stages_hand_over_uint8_channels_last_exactly(digits_model, digits_config,
+                                                            digits_data, tmp_path):
+    calibration, evaluation = digits_data
+    params = EarlyExitParams(**DIGITS_EXIT, thresholds=(1.5,))
+    built = _run(digits_model, digits_config.input, calibration, tmp_path, params, quantize=True)
+    combined = onnx.load(str(built.payload))
+    first, second = [_session(s) for s in stage_graphs(combined, 1)]
+    x = preprocess(evaluation.images, digits_config.input)
+    feature = first.run(None, {first.get_inputs()[0].name: x})[0]
+    whole_feature = _session(combined).run(["feature_0"], {"input": x})[0]
+    assert feature.dtype == np.uint8
+    assert feature.shape == tuple(np.array(whole_feature.shape)[[0, 2, 3, 1]])  # NHWC
+    chained = second.run(None, {second.get_inputs()[0].name: feature})[0]
+    whole = _session(combined).run(["logits"], {"input": x})[0]
+    assert np.array_equal(chained, whole)
+
+
 def _session(model):
     import onnxruntime as ort
 

@@ -298,10 +298,10 @@ def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.Cost
     """Batch-1 latency (ms) of each backbone segment, each head and each stage boundary.
 
     Heads and the split of time between segments come from each stage graph run alone. The
-    boundary cost (``call``: one more runtime call, the feature handed over in float and
-    quantized again, fusions lost at the cut) comes from streaming calibration images through
-    all bare stages against the uncut model, as the cascade runs on the board; run alone, a
-    stage looks up to three times cheaper to add. Segments are scaled so that the plain cost
+    boundary cost (``call``: one more runtime call and the feature's hand-over) comes from
+    streaming calibration images through all bare stages against the uncut model, as the
+    cascade runs on the board; run alone, a stage looks up to three times cheaper to add.
+    Segments are scaled so that the plain cost
     equals the uncut model's streamed time.
     """
     if params.cost_precision == "int8":
