@@ -150,14 +150,20 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
 
 
 def exit_summary(report: dict) -> str:
-    """The early_exit pass's choice: exits, thresholds, rates and saving on held-out images."""
+    """The early_exit pass's choice: exits, thresholds, rates and saving on held-out images,
+    each candidate's held-out top-1 and measured head cost, and the joint fine-tune."""
     split = report["threshold_split"]
     exits = ", ".join(f"{e['after']} (threshold {e['threshold']:.4f}, rate {e['rate']:.3f})"
                       for e in report["exits"]) or "none"
-    return (f"early_exit {report['seconds']:.0f} s, {len(report['candidates'])} candidates, "
-            f"kept {exits}; held-out top-1 {split['reference_top1'] * 100:.2f} % -> cascade "
-            f"{split['cascade_top1'] * 100:.2f} %, expected saving "
-            f"{report['expected_saving'] * 100:.1f} %")
+    candidates = ", ".join(f"{c['after']} {c['threshold_split_top1'] * 100:.1f} % / "
+                           f"{c['head_ms']:.4f} ms" for c in report["candidates"])
+    tune = report.get("finetune") or {}
+    tuned = (f"; joint fine-tune {tune['epochs']} epochs, cost {tune['cost_points']:.2f} "
+             f"points ({tune['cost_view']} view)") if tune else ""
+    return (f"early_exit {report['seconds']:.0f} s, kept {exits}; held-out top-1 "
+            f"{split['reference_top1'] * 100:.2f} % -> cascade {split['cascade_top1'] * 100:.2f} "
+            f"%, expected saving {report['expected_saving'] * 100:.1f} %; candidates (held-out "
+            f"top-1 / head): {candidates}; boundary {report['call_ms']:.4f} ms{tuned}")
 
 
 def search_summary(prune: dict) -> str:

@@ -9,6 +9,24 @@ import numpy as np
 from edgec.data import Dataset, preprocess
 
 VIEWS = ("plain", "shifted")
+SHIFTED_DRAWS = 8  # a top-1 in the shifted view is the mean over this many draws
+
+
+def view_top1(model, dataset: Dataset, spec, view: str = "plain", seed: int = 0) -> float:
+    """Top-1 (fraction) of a torch model on ``dataset`` in ``view`` (see :func:`shifted`);
+    the shifted view averages ``SHIFTED_DRAWS`` draws, seeds ``seed + 1000 k``."""
+    draws = SHIFTED_DRAWS if view == "shifted" else 1
+    return float(np.mean([top1(torch_logits(model, dataset, spec, view=view, seed=seed + 1000 * k),
+                               dataset.labels) for k in range(draws)]))
+
+
+def check_view(name: str, view: str, shape) -> None:
+    """PassError unless ``view`` fits inputs of ``shape`` (the shifted view moves images)."""
+    from edgec.errors import PassError
+
+    if view == "shifted" and len(shape) != 3:
+        raise PassError(f"{name} 'shifted' needs image inputs (C, H, W); the input shape is "
+                        f"{tuple(shape)}: use {name} = 'plain'")
 
 
 def torch_logits(model, dataset: Dataset, spec, batch: int = 500, view: str = "plain",

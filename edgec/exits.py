@@ -163,8 +163,9 @@ def fold_segment(segment: nn.Module) -> nn.Module:
     from edgec.passes.fuse import fold_batchnorm
 
     segment = copy.deepcopy(segment).eval()
-    if isinstance(segment, fx.GraphModule):
-        fold_batchnorm(segment)
+    for part in segment if isinstance(segment, nn.Sequential) else [segment]:  # merged: keep()
+        if isinstance(part, fx.GraphModule):
+            fold_batchnorm(part)
     return segment
 
 

@@ -231,6 +231,8 @@ def test_too_little_calibration_data_is_one_clear_error(digits_model, digits_con
     ({"after": "everywhere"}, "block names or 'auto'"),
     ({"budget": -1}, "budget -1"),
     ({"cost_precision": "int4"}, "cost_precision 'int4'"),
+    ({"finetune_cost_view": "rotated"}, "finetune_cost_view 'rotated'"),
+    ({"finetune_heads": -1}, "finetune_heads must be >= 0"),
     ({"tresholds": [0.9]}, "did you mean 'thresholds'"),
 ])
 def test_params_errors(table, message):
@@ -305,6 +307,32 @@ def test_joint_finetune_spends_the_same_budget(digits_model, digits_config, digi
     with pytest.raises(BudgetError, match="joint fine-tuning alone cost the final output"):
         _run(digits_model, digits_config.input, digits_data[0], tmp_path / "harsh",
              EarlyExitParams(**settings, finetune_lr=20.0))
+
+
+def test_finetune_cost_counts_in_the_chosen_view(digits_model, digits_config, digits_data,
+                                                tmp_path):
+    settings = {**DIGITS_EXIT, "finetune_epochs": 1.0, "budget": 5.0,
+                "finetune_cost_view": "shifted"}
+    built = _run(digits_model, digits_config.input, digits_data[0], tmp_path,
+                 EarlyExitParams(**settings, finetune_lr=1e-4))
+    report = built.lineage[-1].report
+    split, finetune = report["threshold_split"], report["finetune"]
+    assert finetune["cost_view"] == "shifted" and finetune["cost_points"] <= 5.0
+    # the budget counts from the fine-tuned final output plus what the fine-tune cost it
+    assert split["reference_top1"] == pytest.approx(split["plain_top1"]
+                                                    + finetune["cost_points"] / 100)
+    assert split["cascade_top1"] >= split["reference_top1"] - 0.05 - 1e-9
+
+
+def test_finetune_heads_keeps_the_promising_candidates(digits_model, digits_config, digits_data,
+                                                       tmp_path):
+    settings = {**DIGITS_EXIT, "after": ("conv1", "conv2"), "finetune_epochs": 0.5,
+                "budget": 5.0, "finetune_heads": 1}
+    built = _run(digits_model, digits_config.input, digits_data[0], tmp_path,
+                 EarlyExitParams(**settings), fold_bn=False)
+    report = built.lineage[-1].report
+    assert [c["after"] for c in report["candidates"]] == ["conv2"]  # past the first stage
+    assert report["finetune"]["steps"] > 0
 
 
 def test_backbone_finetuned_with_batchnorm_deploys_folded(digits_model, digits_config,

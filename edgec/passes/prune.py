@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edgec.accuracy import VIEWS, top1, torch_logits
+from edgec.accuracy import VIEWS, check_view, view_top1
 from edgec.analysis import total_macs
 from edgec.artifact import Artifact
 from edgec.config import check_choice
@@ -40,7 +40,6 @@ SEARCH_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 # One shifted draw of 5,000 images moves a student's measured drop by a standard deviation of
 # 0.23 to 0.48 points between seeds (four ResNet-20 students, eight draws each); the mean of
 # eight draws is steadier.
-SHIFTED_VIEWS = 8
 
 
 def _check_ratio(value: float, what: str) -> None:
@@ -147,9 +146,7 @@ class PrunePass:
         if needs_data and (ctx.calibration is None or len(ctx.calibration) == 0):
             raise PassError("prune needs the training split (--data with [calibration]) for "
                             "fine-tuning, the accuracy budget or Taylor importance")
-        if params.holdout_view == "shifted" and len(ctx.input_spec.shape) != 3:
-            raise PassError(f"holdout_view 'shifted' needs image inputs (C, H, W); the input "
-                            f"shape is {ctx.input_spec.shape}: use holdout_view = 'plain'")
+        check_view("holdout_view", params.holdout_view, ctx.input_spec.shape)
         job = _Job(model.eval(), params, ctx, multiple)
         pruned, report = job.semi_structured() if params.mode == "2:4" else job.channels()
         return artifact.derive("torch", pruned, Step(self, params).lineage(report))
@@ -170,12 +167,9 @@ class _Job:
         return max(0.0, self.params.time_budget_s - (time.perf_counter() - self.started))
 
     def accuracy(self, model) -> float:
-        """Top-1 (%) on the held-out slice; the shifted view averages SHIFTED_VIEWS draws."""
-        views = SHIFTED_VIEWS if self.params.holdout_view == "shifted" else 1
-        return float(np.mean([top1(torch_logits(model, self.holdout, self.spec,
-                                                view=self.params.holdout_view,
-                                                seed=self.params.seed + 1000 * k),
-                                   self.holdout.labels) for k in range(views)])) * 100
+        """Top-1 (%) on the held-out slice in ``holdout_view``."""
+        return view_top1(model, self.holdout, self.spec, self.params.holdout_view,
+                         self.params.seed) * 100
 
     def channels(self):
         params = self.params
