@@ -7,9 +7,13 @@ import math
 import numpy as np
 
 from edgec.data import Dataset, preprocess
+from edgec.errors import PassError
 
 VIEWS = ("plain", "shifted")
-SHIFTED_DRAWS = 8  # a top-1 in the shifted view is the mean over this many draws
+# One shifted draw of 5,000 images moves a pruned student's measured drop by a standard
+# deviation of 0.23 to 0.48 points between seeds (four ResNet-20 students, eight draws each);
+# the mean of eight draws is steadier.
+SHIFTED_DRAWS = 8
 
 
 def view_top1(model, dataset: Dataset, spec, view: str = "plain", seed: int = 0) -> float:
@@ -22,8 +26,6 @@ def view_top1(model, dataset: Dataset, spec, view: str = "plain", seed: int = 0)
 
 def check_view(name: str, view: str, shape) -> None:
     """PassError unless ``view`` fits inputs of ``shape`` (the shifted view moves images)."""
-    from edgec.errors import PassError
-
     if view == "shifted" and len(shape) != 3:
         raise PassError(f"{name} 'shifted' needs image inputs (C, H, W); the input shape is "
                         f"{tuple(shape)}: use {name} = 'plain'")

@@ -291,6 +291,12 @@ def train_head(head: nn.Module, features: np.ndarray, teacher: np.ndarray, label
 
 
 # ---------------------------------------------------------------------------- thresholds
+def merge_segments(values, exits: list[int]) -> list:
+    """Per-segment ``values`` (costs, MACs) summed between the kept ``exits``."""
+    bounds = [0, *[k + 1 for k in exits], len(values)]
+    return [sum(values[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Measured milliseconds: backbone segment k, head k, and one stage boundary (``call``:
@@ -305,8 +311,7 @@ class CostModel:
 
     def subset(self, exits: list[int]) -> CostModel:
         """The costs with only ``exits`` kept: the segments between them merged."""
-        bounds = [0, *[k + 1 for k in exits], len(self.segments)]
-        return CostModel(segments=tuple(sum(self.segments[a:b]) for a, b in zip(bounds, bounds[1:])),
+        return CostModel(segments=tuple(merge_segments(self.segments, exits)),
                          heads=tuple(self.heads[k] for k in exits), call=self.call)
 
     def expected(self, exit_at: np.ndarray, enabled: list[int]) -> float:

@@ -286,10 +286,9 @@ def _finetune_candidates(model: ee.ExitModel, points, macs, ctx, count: int):
         list(range(len(points)))
     kept = sorted({later[round(i)] for i in np.linspace(0, len(later) - 1, min(count, len(later)))})
     ctx.progress(f"early_exit: fine-tuning the heads after {[points[k] for k in kept]}")
-    bounds = [0, *[k + 1 for k in kept], len(macs["segments"])]
-    segments = [sum(macs["segments"][a:b]) for a, b in zip(bounds, bounds[1:])]
     return (model.keep(kept), [points[k] for k in kept],
-            {"segments": segments, "heads": [macs["heads"][k] for k in kept]})
+            {"segments": ee.merge_segments(macs["segments"], kept),
+             "heads": [macs["heads"][k] for k in kept]})
 
 
 def _finetune(model: ee.ExitModel, source, data: Dataset, params, ctx) -> dict:
@@ -342,8 +341,7 @@ def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.Cost
     boundary cost (``call``: one more runtime call and the feature's hand-over) comes from
     streaming calibration images through all bare stages against the uncut model, as the
     cascade runs on the board; run alone, a stage looks up to three times cheaper to add.
-    Segments are scaled so that the plain cost
-    equals the uncut model's streamed time.
+    Segments are scaled so that the plain cost equals the uncut model's streamed time.
     """
     if params.cost_precision == "int8":
         combined = _quantized(combined, ctx)
