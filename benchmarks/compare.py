@@ -1,6 +1,8 @@
 """One run, one table: the same model and data through PyTorch, ONNX Runtime and edgec recipes.
 
-Rows: PyTorch eager fp32; ONNX Runtime fp32 and int8 (``quantize_static`` defaults); each edgec
+Rows: PyTorch eager fp32; ONNX Runtime fp32, int8 with ``quantize_static``'s defaults (s8/s8
+per-tensor) and plain u8/s8 per-channel (the scheme edgec used everywhere before it chose one per
+CPU); each edgec
 recipe (default: int8, datafree-int8, mixed, prune-int8, exit-int8); and, with
 ``--prune-ratios``, prune-int8 at fixed ratios instead of its budget search (the pruning
 frontier: ratio vs MACs vs top-1 vs latency). Top-1 on the full evaluation split, from each
@@ -42,6 +44,7 @@ from edgec.accuracy import onnx_logits, top1, torch_logits  # noqa: E402
 from edgec.analysis import total_macs  # noqa: E402
 from edgec.artifact import Artifact  # noqa: E402
 from edgec.build import BuildRequest, build, write_artifact  # noqa: E402
+from edgec.cpu import host_cpu  # noqa: E402
 from edgec.data import load_data_config, preprocess  # noqa: E402
 from edgec.devices import LocalDevice  # noqa: E402
 from edgec.errors import EdgecError  # noqa: E402
@@ -67,6 +70,7 @@ class Row:
     stream_mean: float = float("nan")
     size: int | None = None
     exits: str = "-"
+    scheme: str = "-"
     directory: Path | None = None
     note: str = ""
 
@@ -88,29 +92,37 @@ def torch_row(model, spec, evaluation, macs) -> Row:
                p90=float(np.percentile(samples, 90)))
 
 
-def onnx_row(name, path, config, target, evaluation, workdir, macs) -> Row:
-    directory = workdir / name.replace(" ", "_")
+def onnx_row(name, path, config, target, evaluation, workdir, macs, scheme="-") -> Row:
+    directory = workdir / re.sub(r"[^\w.-]", "_", name)
     directory.mkdir()
     manifest = write_artifact(Artifact("onnx", path), config, target, [], directory)
     accuracy = top1(onnx_logits(path, evaluation, config.input), evaluation.labels)
-    return Row(name, accuracy, macs, size=manifest["size_bytes"], directory=directory)
+    return Row(name, accuracy, macs, size=manifest["size_bytes"], directory=directory,
+               scheme=scheme)
 
 
 def ort_baselines(model, config, target, calibration, evaluation, workdir, macs) -> list[Row]:
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = workdir / "ort-fp32.onnx"
     fp32.write_bytes(export_onnx(model, config.input))
-    pre, int8 = workdir / "ort-pre.onnx", workdir / "ort-int8.onnx"
+    pre, int8, u8s8 = (workdir / f"ort-{n}.onnx" for n in ("pre", "int8", "u8s8"))
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    batches = iter([{"input": preprocess(calibration.images[i:i + 32], config.input)}
-                    for i in range(0, 512, 32)])
-    reader = type("Reader", (), {"get_next": lambda self: next(batches, None)})()
-    quantize_static(str(pre), str(int8), reader)
+
+    def reader():
+        batches = iter([{"input": preprocess(calibration.images[i:i + 32], config.input)}
+                        for i in range(0, 512, 32)])
+        return type("Reader", (), {"get_next": lambda self: next(batches, None)})()
+
+    quantize_static(str(pre), str(int8), reader())
+    quantize_static(str(pre), str(u8s8), reader(), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return [onnx_row("ONNX Runtime fp32", fp32, config, target, evaluation, workdir, macs),
             onnx_row("ONNX Runtime int8 (quantize_static defaults)", int8, config, target,
-                     evaluation, workdir, macs)]
+                     evaluation, workdir, macs, "s8s8 per-tensor"),
+            onnx_row("ONNX Runtime int8 u8/s8 per-channel", u8s8, config, target, evaluation,
+                     workdir, macs, "u8s8")]
 
 
 def fixed_ratio_recipe(ratio: float, seconds: float, folder: Path) -> Path:
@@ -137,7 +149,8 @@ def edgec_row(model_path, recipe: Path, workdir: Path, base_macs: float) -> Row:
     reports = {step["pass"]: step["report"] for step in manifest["lineage"]}
     prune = reports.get("prune", {})
     row = Row(name, manifest["accuracy"]["top1"], prune.get("macs_after", base_macs),
-              size=manifest["size_bytes"], directory=result.directory)
+              size=manifest["size_bytes"], directory=result.directory,
+              scheme=manifest.get("int8", {}).get("scheme", "-"))
     if "ratio" in prune:
         row.ratio = f"{prune['ratio']} of {prune.get('ratio_of', 'channels')}"
     notes = [search_summary(prune) if "trials" in prune else ""]
@@ -198,16 +211,18 @@ def measure(rows: list[Row], test_npz: Path, count: int, rounds: int) -> None:
 
 def print_table(model_name: str, count: int, rows: list[Row]) -> None:
     base = next((r for r in rows if r.name == "edgec int8"), None)
-    print(f"\n{model_name}: top-1 on {count} images, batch 1, 1 thread\n")
-    print("| system | prune ratio | MACs (M) | top-1 | p50 ms | p90 ms | stream mean ms | "
-          "vs edgec int8 (stream) | size KiB | exits (per exit, final last) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu = host_cpu()
+    print(f"\n{model_name}: top-1 on {count} images, batch 1, 1 thread, on {cpu.model} "
+          f"(int8 path {cpu.int8_path}; {' '.join(cpu.features)})\n")
+    print("| system | int8 scheme | prune ratio | MACs (M) | top-1 | p50 ms | p90 ms | "
+          "stream mean ms | vs edgec int8 (stream) | size KiB | exits (per exit, final last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         size = f"{r.size / 1024:.1f}" if r.size else "-"
         macs = f"{r.macs / 1e6:.2f}" if r.macs else "-"
         versus = (f"{(r.stream_mean / base.stream_mean - 1) * 100:+.1f} %"
                   if base and np.isfinite(r.stream_mean) else "-")
-        print(f"| {r.name} | {r.ratio} | {macs} | {r.top1 * 100:.2f} % | {r.p50:.3f} | "
+        print(f"| {r.name} | {r.scheme} | {r.ratio} | {macs} | {r.top1 * 100:.2f} % | {r.p50:.3f} | "
               f"{r.p90:.3f} | {r.stream_mean:.3f} | {versus} | {size} | {r.exits} |")
     for r in rows:
         if r.note:

@@ -17,6 +17,7 @@ from edgec import __version__
 from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact, atomic_directory, content_hash, sha256_file, write_json
 from edgec.backends import BACKENDS
+from edgec.cpu import CpuInfo, host_cpu, target_cpu
 from edgec.data import Dataset, load_data_config
 from edgec.devices import LocalDevice, open_device
 from edgec.errors import CompileError, ConfigError, ModelError
@@ -40,25 +41,31 @@ class BuildRequest:
     out: Path = Path("build")
     measure: MeasureSpec = field(default_factory=MeasureSpec)
     profile: bool = True
-    device: str = "local"  # profile there (devices/NAME.toml); evaluation stays on this host
+    device: str = "local"  # profile and evaluate there too (devices/NAME.toml)
+    eval_count: int = 0  # images the device evaluates (0: the whole evaluation split)
     profiles: Path = Path("profiles")  # a board's profiles are appended to <profiles>/<device>/
     backend: str | None = None  # one of the target's backends instead of its first that fits
     tune: int = 0  # MetaSchedule trial budget for the tvm backend (0: untuned)
 
 
+DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
+
+
 @dataclass(frozen=True)
 class Row:
-    """One line of the result table."""
+    """One line of the result table; ``top1_on`` / ``latency_on`` say where each was measured."""
 
     name: str
     top1: float
     size_bytes: int
     latency: Measurement | None
+    top1_on: str = ""
+    latency_on: str = ""
 
     def to_json(self) -> dict[str, Any]:
         latency = self.latency.summary() if self.latency else None
         return {"name": self.name, "top1": self.top1, "size_bytes": self.size_bytes,
-                "latency": latency}
+                "latency": latency, "top1_on": self.top1_on, "latency_on": self.latency_on}
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class BuildResult:
     directory: Path
     manifest: dict[str, Any]
     rows: tuple[Row, ...]
+    warnings: tuple[str, ...] = ()
 
 
 def default_recipe(target: Target | None = None) -> Path:
@@ -87,24 +95,39 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     source = _load_source(config)
     float_top1 = top1(torch_logits(source.payload, evaluation, config.input), evaluation.labels) \
         if source.stage == "torch" else None
-    with tempfile.TemporaryDirectory(prefix="edgec-") as scratch:
-        scratch = Path(scratch)
-        ctx = Context(target, config.input, calibration, scratch, baseline=source.payload,
-                      evaluation=evaluation, progress=progress)
-        built = pipeline.run(source, ctx, lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
-        eval_npz = scratch / "evaluation.npz"
-        np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
-        device, profiler = LocalDevice(), open_device(request.device)
-        try:
+    device, profiler = LocalDevice(), open_device(request.device)
+    try:
+        cpu = runs_on_cpu(target, profiler)
+        progress(f"int8 kernels of {cpu.source}: {cpu.describe()}")
+        with tempfile.TemporaryDirectory(prefix="edgec-") as scratch:
+            scratch = Path(scratch)
+            ctx = Context(target, config.input, calibration, scratch, baseline=source.payload,
+                          evaluation=evaluation, progress=progress, cpu=cpu,
+                          backend=request.backend)
+            built = pipeline.run(source, ctx,
+                                 lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
+            eval_npz = scratch / "evaluation.npz"
+            np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
             reference = _reference_row(source, float_top1, ctx, target, eval_npz, profiler,
                                        request)
-            directory, manifest, row = _write_build(built, config, target, pipeline, request,
-                                                    eval_npz, device, reference, progress, profiler)
-        finally:
-            getattr(profiler, "close", lambda: None)()
-    if row.latency and request.device != "local":
-        ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, row.latency)
-    return BuildResult(directory, manifest, (reference, row))
+            directory, manifest, rows = _write_build(built, config, target, pipeline, request,
+                                                     eval_npz, device, reference, progress,
+                                                     profiler, cpu)
+    finally:
+        getattr(profiler, "close", lambda: None)()
+    latency = rows[0].latency
+    if latency and request.device != "local":
+        ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, latency)
+    return BuildResult(directory, manifest, (reference, *rows),
+                       tuple(manifest.get("warnings", ())))
+
+
+def runs_on_cpu(target: Target, device) -> CpuInfo:
+    """The CPU whose int8 kernels will run the artifact: the board's when one is given (its
+    runner probes it), else the target's (probed for ``local``, declared for boards)."""
+    if device.name == "local":
+        return target_cpu(target)
+    return CpuInfo.from_runner(device.cpu(), f"device {device.name}")
 
 
 def _load_data(config: ModelConfig, data: Path | None) -> tuple[Dataset, Dataset]:
@@ -163,8 +186,11 @@ def _cascade_backend(target: Target):
 
 def write_artifact(artifact: Artifact, config: ModelConfig, target: Target, recipe: list,
                    directory: Path, backend_name: str | None = None,
-                   backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compile ``artifact`` for ``target`` into ``directory`` with runner and manifest."""
+                   backend_options: dict[str, Any] | None = None,
+                   cpu: CpuInfo | None = None) -> dict[str, Any]:
+    """Compile ``artifact`` for ``target`` into ``directory`` with runner and manifest.
+
+    ``cpu``: the CPU the build made its choices for (default: the target's)."""
     backend = pick_backend(artifact, target, backend_name, backend_options)
     entry = backend.compile(artifact, target, directory)
     shutil.copyfile(RUNNER_PATH, directory / "runner.py")
@@ -179,7 +205,11 @@ def write_artifact(artifact: Artifact, config: ModelConfig, target: Target, reci
         "versions": {"edgec": __version__, "python": platform.python_version(),
                      **_torch_version(), **backend.versions()},
         "size_bytes": sum((directory / name).stat().st_size for name in entry["files"]),
+        "cpu": {"build_host": host_cpu().to_json(),
+                "runs_on": (cpu or target_cpu(target)).to_json()},
     }
+    if "int8" in artifact.extras:
+        manifest["int8"] = artifact.extras["int8"]
     write_json(directory / "manifest.json", manifest)
     return manifest
 
@@ -193,14 +223,16 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     """fp32 row: the float model's accuracy, and its plain ONNX export's latency on the target."""
     takes_onnx = any(BACKENDS[name].consumes == "onnx" for name in target.backends
                      if name in BACKENDS)  # an hls4ml-only target has no ONNX runtime to time
+    top1_on = f"{_where('local', target)}, PyTorch" if float_top1 is not None else ""
     if source.stage != "torch" or not request.profile or not takes_onnx:
-        return Row("fp32", float_top1 or float("nan"), 0, None)
+        return Row("fp32", float_top1 or float("nan"), 0, None, top1_on)
     exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(source, ctx)
     directory = ctx.workdir / "fp32-reference"
     directory.mkdir()
     config = ModelConfig(name="fp32", input=ctx.input_spec, factory="-")
     manifest = write_artifact(exported, config, target, [], directory)
-    return Row("fp32", float_top1, manifest["size_bytes"], device.measure(directory, request.measure))
+    return Row("fp32", float_top1, manifest["size_bytes"], device.measure(directory, request.measure),
+               top1_on, _where(device.name, target))
 
 
 def _measure_spec(spec: MeasureSpec, manifest: dict[str, Any], eval_npz: Path,
@@ -213,41 +245,41 @@ def _measure_spec(spec: MeasureSpec, manifest: dict[str, Any], eval_npz: Path,
 
 
 def _write_build(built, config, target, pipeline, request, eval_npz, device, reference, progress,
-                 profiler=None):
-    profiler = profiler or device
+                 profiler, cpu):
+    """Compile, evaluate (here and on the device), profile and report, into the final directory
+    (atomically); returns it, the manifest and the built rows (host first)."""
     staging = Path(tempfile.mkdtemp(prefix="edgec-stage-"))
     try:
         manifest = write_artifact(built, config, target, pipeline.config(), staging,
                                   request.backend, {"tune_trials": request.tune} if request.tune
-                                  else None)
+                                  else None, cpu)
         final = Path(request.out) / target.name / f"{config.name}-{manifest['hash'][:12]}"
         with atomic_directory(final) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             on_host = manifest["entry"].get("runs_on_host", True)
+            count = manifest["entry"].get("eval_count", 0)  # hls4ml's C simulation is slow
             if on_host:
                 progress("evaluating the artifact with its own runner")
-                # a slow runtime (hls4ml's C simulation) evaluates only the first eval_count images
-                accuracy = device.evaluate(tmp, str(eval_npz),
-                                           count=manifest["entry"].get("eval_count", 0))
-                manifest["accuracy"] = {"top1": accuracy["top1"], "correct": accuracy["correct"],
-                                        "total": accuracy["total"],
-                                        "predictions_sha256": accuracy["predictions_sha256"]}
-                if "exits" in accuracy:  # early-exit cascade: images that left at each exit
-                    manifest["accuracy"]["exits"] = accuracy["exits"]
+                manifest["accuracy"] = accuracy_record(device.evaluate(tmp, str(eval_npz),
+                                                                       count=count), "local")
             else:  # e.g. a TVM aarch64 .so: only the board (or its emulation) can run it
-                accuracy = {"top1": float("nan")}
                 manifest["accuracy"] = {"skipped": f"{target.isa} code does not run on this host;"
-                                                   f" evaluate it on the board"}
+                                                   f" evaluate it on the board (--device)"}
             write_json(tmp / "manifest.json", manifest)
+            if request.device != "local":
+                progress(f"evaluating the artifact on {profiler.name}")
+                manifest["accuracy_on_device"] = _device_accuracy(
+                    tmp, eval_npz, request.eval_count or count, manifest, device, profiler)
+                manifest["warnings"] = _accuracy_warnings(manifest)
+                write_json(tmp / "manifest.json", manifest)
             latency = None
             if request.profile and (on_host or request.device != "local"):
                 progress(f"profiling on {profiler.name}")
                 latency = profiler.measure(tmp, _measure_spec(request.measure, manifest, eval_npz,
                                                                  request.device))
                 write_json(tmp / "profile.json", {"device": profiler.name, **latency.to_json()})
-            row = Row(f"built ({pipeline.name}{_subset_note(accuracy, eval_npz)})",
-                      accuracy["top1"], manifest["size_bytes"], latency)
-            report = render_report(manifest, [reference, row])
+            rows = _built_rows(manifest, pipeline, latency, profiler.name, eval_npz, target)
+            report = render_report(manifest, [reference, *rows])
             if request.profile and request.device == "local":
                 from edgec.analysis import efficiency_section
 
@@ -255,7 +287,88 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
             (tmp / "report.md").write_text(report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final, manifest, row
+    return final, manifest, rows
+
+
+def accuracy_record(result: dict[str, Any], device: str) -> dict[str, Any]:
+    """The manifest's view of one runner evaluation, with where (device, CPU) it ran."""
+    record = {key: result[key] for key in ("top1", "correct", "total", "predictions_sha256")}
+    if "exits" in result:  # early-exit cascade: images that left at each exit
+        record["exits"] = result["exits"]
+    record["measured_on"] = {"device": device, "cpu": result.get("cpu")}
+    if result.get("warnings"):
+        record["runner_warnings"] = result["warnings"]
+    return record
+
+
+def _device_accuracy(artifact: Path, eval_npz: Path, count: int, manifest: dict[str, Any],
+                     device, profiler) -> dict[str, Any]:
+    """Evaluate on the board (the split uploaded once, content-hashed) and compare it with this
+    host on the same images."""
+    record = accuracy_record(profiler.evaluate(artifact, str(eval_npz), count=count),
+                             profiler.name)
+    host = manifest["accuracy"]
+    if "top1" in host and host["total"] != record["total"]:
+        host = accuracy_record(device.evaluate(artifact, str(eval_npz), count=record["total"]),
+                               "local")
+    if "top1" in host:
+        record["host_top1_same_images"] = host["top1"]
+        record["same_predictions_as_host"] = \
+            host["predictions_sha256"] == record["predictions_sha256"]
+    return record
+
+
+def _accuracy_warnings(manifest: dict[str, Any]) -> list[str]:
+    """Where host and device disagree by more than DISAGREEMENT_POINTS, and the runner's own."""
+    on_device = manifest["accuracy_on_device"]
+    notes = list(on_device.get("runner_warnings", ()))
+    if "host_top1_same_images" in on_device:
+        gap = (on_device["top1"] - on_device["host_top1_same_images"]) * 100
+        if abs(gap) > DISAGREEMENT_POINTS:
+            where = on_device["measured_on"]
+            notes.append(
+                f"top-1 on {where['device']} ({_cpu_words(where['cpu'])}) is "
+                f"{on_device['top1'] * 100:.2f} %, on this host "
+                f"({_cpu_words(manifest['accuracy']['measured_on']['cpu'])}) "
+                f"{on_device['host_top1_same_images'] * 100:.2f} % on the same "
+                f"{on_device['total']} images ({gap:+.2f} points): the device's number is the one "
+                f"that holds there")
+    return notes
+
+
+def _cpu_words(cpu: dict[str, Any] | None) -> str:
+    return f"{cpu['model']}, {cpu['int8_path']}" if cpu else "CPU unknown"
+
+
+def _built_rows(manifest, pipeline, latency, profiler_name, eval_npz, target) -> list[Row]:
+    """The built row (accuracy on this host, or on the device when only it can run the code),
+    and a row for the device's accuracy when there is one."""
+    scheme = manifest.get("int8", {}).get("scheme")
+    name = f"built ({pipeline.name}{', ' + scheme if scheme else ''}"
+    latency_on = _where(profiler_name, target, latency)
+    host, on_device = manifest["accuracy"], manifest.get("accuracy_on_device")
+    rows = []
+    if "top1" in host:
+        rows.append(Row(f"{name}{_subset_note(host, eval_npz)})", host["top1"],
+                        manifest["size_bytes"], latency, _where("local", target), latency_on))
+    if on_device:
+        rows.append(Row(f"{name}{_subset_note(on_device, eval_npz)})", on_device["top1"],
+                        manifest["size_bytes"], None if rows else latency,
+                        _where(profiler_name, target), "" if rows else latency_on))
+    if not rows:
+        rows.append(Row(f"{name})", float("nan"), manifest["size_bytes"], latency, "",
+                        latency_on))
+    return rows
+
+
+def _where(device: str, target: Target, measured=True) -> str:
+    """Where a number was measured: a device's name, or this host (marked when the target is a
+    board that this host only stands in for)."""
+    if not measured:
+        return ""
+    if device != "local":
+        return device
+    return "host" if target.cpu == "native" else f"host, not {target.name}"
 
 
 def _subset_note(accuracy: dict[str, Any], eval_npz: Path) -> str:
@@ -271,21 +384,53 @@ def format_top1(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{value * 100:.2f} %"
 
 
+TABLE_COLUMNS = ("config", "top-1", "top-1 on", "p50 ms", "p90 ms", "latency on", "size KiB")
+
+
+def table_cells(row: Row) -> tuple[str, ...]:
+    """One row's cells, in TABLE_COLUMNS order."""
+    lat = row.latency
+    return (row.name, format_top1(row.top1), row.top1_on or "-",
+            f"{lat.p50:.3f}" if lat else "-", f"{lat.p90:.3f}" if lat else "-",
+            row.latency_on if lat else "-", f"{row.size_bytes / 1024:.1f}")
+
+
 def render_table(rows) -> str:
-    """Markdown table: accuracy, latency p50/p90 and size per row."""
-    lines = ["| config | top-1 | p50 ms | p90 ms | size |", "|---|---|---|---|---|"]
-    for row in rows:
-        lat = row.latency
-        p50 = f"{lat.p50:.3f}" if lat else "-"
-        p90 = f"{lat.p90:.3f}" if lat else "-"
-        lines.append(f"| {row.name} | {format_top1(row.top1)} | {p50} | {p90} | "
-                     f"{row.size_bytes / 1024:.1f} KiB |")
+    """Markdown table: accuracy, latency p50/p90 and size per row, and where each was measured."""
+    lines = [f"| {' | '.join(TABLE_COLUMNS)} |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += [f"| {' | '.join(table_cells(row))} |" for row in rows]
     return "\n".join(lines)
+
+
+def where_line(manifest: dict[str, Any]) -> str:
+    """'host: AMD EPYC (x86-vnni); pi-lab: Cortex-A72 (arm64-neon)': the CPUs behind the table."""
+    places = {"host": manifest["cpu"]["build_host"]}
+    on_device = manifest.get("accuracy_on_device")
+    if on_device and on_device["measured_on"]["cpu"]:
+        places[on_device["measured_on"]["device"]] = on_device["measured_on"]["cpu"]
+    return "measured on " + "; ".join(f"{name}: {_cpu_words(cpu)}" for name, cpu in places.items())
+
+
+def int8_line(manifest: dict[str, Any]) -> str:
+    """'int8 scheme u8s8-reduce-range for x86-avx2 (AMD EPYC, this host): reason', or ''."""
+    choice = manifest.get("int8")
+    if not choice:
+        return ""
+    cpu = manifest["cpu"]["runs_on"]
+    return (f"int8 scheme `{choice['scheme']}` for {choice['int8_path']} ({cpu['model']}, "
+            f"{cpu['source']}): {choice['reason']}")
+
+
+def report_notes(manifest: dict[str, Any]) -> list[str]:
+    """The lines under the table: where, which int8 scheme and why, and any warnings."""
+    return [line for line in (where_line(manifest), int8_line(manifest),
+                              *manifest.get("warnings", ())) if line]
 
 
 def render_report(manifest: dict[str, Any], rows) -> str:
     lineage = "\n".join(f"- `{s['pass']}` {json.dumps(s['params'])} → {json.dumps(s['report'])}"
                         for s in manifest["lineage"])
+    notes = "".join(f"- {line}\n" for line in report_notes(manifest))
     return (f"# {manifest['name']} for {manifest['target']['name']}\n\n"
             f"hash `{manifest['hash']}`, backend `{manifest['entry']['backend']}`\n\n"
-            f"{render_table(rows)}\n\n## Lineage\n{lineage}\n")
+            f"{render_table(rows)}\n\n{notes}\n## Lineage\n{lineage}\n")

@@ -31,7 +31,10 @@ def build(
     min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
     threads: int = typer.Option(1, help="runtime threads during measurement"),
     profile: bool = typer.Option(True, help="measure latency on the device"),
-    device: str = typer.Option("local", help="profile on this device (devices/NAME.toml)"),
+    device: str = typer.Option("local", help="profile and evaluate on this device "
+                                             "(devices/NAME.toml)"),
+    eval_count: int = typer.Option(0, help="images the device evaluates (0: all; for slow or "
+                                           "emulated boards)"),
     backend: str = typer.Option(None, help="one of the target's backends (default: first that fits)"),
     tune: int = typer.Option(0, help="MetaSchedule trials for the tvm backend (0: untuned)"),
 ):
@@ -45,43 +48,48 @@ def build(
     try:
         request = BuildRequest(model, target, recipe, data, out,
                                MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
-                               profile, device=device, backend=backend, tune=tune)
+                               profile, device=device, eval_count=eval_count, backend=backend,
+                               tune=tune)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("building", total=None)
             result = run_build(request, lambda message: bar.update(task, description=message))
     except EdgecError as exc:
         _fail(exc)
+    from edgec.build import report_notes
+
     console.print(_rows_table(result.rows, f"{result.manifest['name']} → {target}"))
+    for line in report_notes(result.manifest):
+        console.print(line, highlight=False, markup=False)
     console.print(f"artifact: {result.directory}")
 
 
 def _rows_table(rows, title: str) -> Table:
-    from edgec.build import format_top1
+    from edgec.build import TABLE_COLUMNS, table_cells
 
     table = Table(title=title)
-    for column in ("config", "top-1", "p50 ms", "p90 ms", "size KiB"):
+    for column in TABLE_COLUMNS:
         table.add_column(column, justify="right")
     for row in rows:
-        lat = row.latency
-        table.add_row(row.name, format_top1(row.top1), f"{lat.p50:.3f}" if lat else "-",
-                      f"{lat.p90:.3f}" if lat else "-", f"{row.size_bytes / 1024:.1f}")
+        table.add_row(*table_cells(row))
     return table
 
 
 @app.command()
 def targets():
     """List the built-in targets."""
+    from edgec.cpu import target_cpu
     from edgec.targets import load_target, target_paths
 
     table = Table(title="targets")
-    for column in ("name", "isa", "cpu", "precisions", "backends", "description"):
+    for column in ("name", "isa", "cpu", "int8 kernels", "precisions", "backends", "description"):
         table.add_column(column)
     try:
         for name in target_paths():
             t = load_target(name)
-            table.add_row(name, t.isa, t.cpu, ",".join(t.precisions), ",".join(t.backends),
-                          t.description)
+            cpu = target_cpu(t)
+            table.add_row(name, t.isa, cpu.model if t.cpu == "native" else t.cpu, cpu.int8_path,
+                          ",".join(t.precisions), ",".join(t.backends), t.description)
     except EdgecError as exc:
         _fail(exc)
     console.print(table)

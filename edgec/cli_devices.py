@@ -109,6 +109,18 @@ def check(name: str, accept_new_host_key: bool = ACCEPT_OPTION, devices_dir: Pat
         console.print(f"[bold red]does not match target {target.name}:[/] " + "; ".join(problems))
         raise typer.Exit(1)
     console.print(f"matches target {target.name}")
+    _cpu_note(target, facts.get("cpu"))
+
+
+def _cpu_note(target, board_cpu) -> None:
+    """Say so when the board's int8 kernels are not the ones its target declares."""
+    from edgec.cpu import target_cpu
+
+    declared = target_cpu(target)
+    if board_cpu and target.cpu != "native" and board_cpu["int8_path"] != declared.int8_path:
+        console.print(f"note: the board runs {board_cpu['int8_path']} int8 kernels, target "
+                      f"{target.name} declares {declared.int8_path}; `edgec build --device` "
+                      f"chooses the int8 scheme for the board", highlight=False, markup=False)
 
 
 @devices_app.command("remove")

@@ -24,6 +24,8 @@ class Context:
     seed: int = 0
     baseline: Any = None  # the float torch model, for distillation and accuracy budgets
     evaluation: Any = None  # only for reporting, never for choices
+    cpu: Any = None  # edgec.cpu.CpuInfo of the machine that runs the artifact (None: the target's)
+    backend: str | None = None  # the backend the build asked for (None: the target's first fit)
     progress: Callable[[str], None] = field(default=lambda message: None)
 
 

@@ -21,7 +21,7 @@ class Target:
     description: str
     isa: str
     triple: str
-    cpu: str
+    cpu: str  # "native": this host, probed at build time
     simd_width_bits: int
     channel_multiple: int
     cores: int
@@ -30,6 +30,8 @@ class Target:
     peak_gmacs: dict[str, float]
     backends: tuple[str, ...]
     runtime_requires: tuple[str, ...] = ()
+    # /proc/cpuinfo flags that pick the int8 kernels (edgec.cpu); ignored for cpu = "native"
+    cpu_features: tuple[str, ...] = ()
     tvm_target: dict[str, Any] = field(default_factory=dict)
     cross_compiler: str = ""  # C++ compiler that links TVM's shared objects for this ISA
     options: dict[str, Any] = field(default_factory=dict)

@@ -78,6 +78,13 @@ def resnet56_config():
 
 
 @pytest.fixture(scope="session")
+def resnet56(resnet56_config):
+    from edgec.model import load_torch_model
+
+    return load_torch_model(resnet56_config)
+
+
+@pytest.fixture(scope="session")
 def digits_config():
     from edgec.model import load_model_config
 

@@ -140,3 +140,38 @@ def test_emulated_rpi4_profiles_and_evaluates_over_ssh(emulated_board, rpi4_arti
     assert on_board["total"] == here["total"] == EVAL_IMAGES
     assert on_board["predictions_sha256"] == here["predictions_sha256"], (on_board, here)
     assert device.uploads == 2  # the artifact and the images, once each
+
+
+def test_build_for_rpi4_evaluates_on_the_emulated_board(emulated_board, tmp_path, monkeypatch,
+                                                         resnet20_config):
+    """`edgec build --target rpi4 --device NAME --eval-count N`: the scheme is chosen for the
+    board's own CPU (its runner probes it over SSH), the board evaluates the artifact, and the
+    manifest keeps both accuracies with the CPU each ran on."""
+    from edgec.devices.inventory import save_device
+
+    config = sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                               name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                               connect_timeout_s=60.0, command_timeout_s=900.0)
+    save_device(config, tmp_path / "devices")
+    monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
+    data = tmp_path / "data.toml"
+    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 512\n'
+                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\n')
+    result = build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml",
+                                target="rpi4", recipe=ROOT / "passes" / "int8.toml", data=data,
+                                device="emulated-rpi4", eval_count=EVAL_IMAGES,
+                                measure=MeasureSpec(warmup=2, repeat=10, min_time_s=0.0),
+                                out=tmp_path / "out", profiles=tmp_path / "profiles"))
+    manifest = result.manifest
+    board_cpu = manifest["accuracy_on_device"]["measured_on"]["cpu"]
+    print(f"\nemulated rpi4 CPU {board_cpu}; host {manifest['accuracy']['measured_on']['cpu']}; "
+          f"scheme {manifest['int8']}; on board {manifest['accuracy_on_device']}")
+    assert board_cpu["arch"] == "aarch64" and board_cpu["int8_path"].startswith("arm64")
+    assert manifest["cpu"]["runs_on"]["source"] == "device emulated-rpi4"
+    assert manifest["int8"]["int8_path"] == board_cpu["int8_path"]
+    assert manifest["int8"]["scheme"] == "u8s8"  # Arm's int8 kernels sum exactly
+    on_board = manifest["accuracy_on_device"]
+    assert on_board["total"] == EVAL_IMAGES and manifest["accuracy"]["total"] == 10000
+    assert abs(manifest["accuracy"]["top1"] - 0.9173) <= 0.005
+    assert abs(on_board["top1"] - on_board["host_top1_same_images"]) <= 0.01
+    assert result.rows[-1].top1_on == "emulated-rpi4"

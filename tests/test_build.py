@@ -34,7 +34,12 @@ def test_artifact_layout(digits_build):
     assert [s["pass"] for s in manifest["lineage"]] == ["fuse", "export", "quantize"]
     assert set(manifest["files"]) == {"model.onnx", "runner.py"}
     assert manifest["accuracy"]["total"] == 500 and manifest["accuracy"]["top1"] > 0.9
-    assert "| built (int8) |" in (directory / "report.md").read_text()
+    report = (directory / "report.md").read_text()
+    scheme = manifest["int8"]["scheme"]
+    assert f"| built (int8, {scheme}) | " in report and scheme in ("u8s8", "u8s8-reduce-range")
+    assert manifest["int8"]["int8_path"] == manifest["cpu"]["runs_on"]["int8_path"] \
+        == manifest["accuracy"]["measured_on"]["cpu"]["int8_path"]
+    assert f"measured on host: {manifest['cpu']['build_host']['model']}" in report
 
 
 def test_same_inputs_same_hash(digits_build, tmp_path):
@@ -46,7 +51,7 @@ def test_same_inputs_same_hash(digits_build, tmp_path):
 
 def test_fp32_and_int8_rows(digits_build):
     fp32, built = digits_build.rows
-    assert fp32.name == "fp32" and built.name == "built (int8)"
+    assert fp32.name == "fp32" and built.name.startswith("built (int8, u8s8")
     assert built.size_bytes < fp32.size_bytes
     assert abs(fp32.top1 - built.top1) < 0.02
     assert built.latency.p50 > 0 and built.latency.p90 >= built.latency.p50
@@ -90,5 +95,6 @@ def test_cli_build_digits(tmp_path):
                            str(tmp_path), "--repeat", "5", "--min-time", "0.05"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "built (int8)" in done.stdout and "artifact:" in done.stdout
+    assert "built" in done.stdout and "artifact:" in done.stdout
+    assert "int8 scheme `u8s8" in done.stdout and "measured on host:" in done.stdout
     assert list(Path(tmp_path, "local").glob("digits-cnn-*/manifest.json"))

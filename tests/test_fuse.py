@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgec import int8
 from edgec.artifact import Artifact
 from edgec.data import preprocess
 from edgec.passes.export import export_onnx
@@ -54,7 +55,8 @@ def test_int8_graph_keeps_no_standalone_relu(resnet20_fused, resnet20_config, ci
     source = tmp_path / "fp32.onnx"
     source.write_bytes(export_onnx(resnet20_fused.payload, resnet20_config.input))
     batches = [preprocess(cifar_train_slice.images[:32], resnet20_config.input)]
-    quantize_int8(source, tmp_path / "int8.onnx", batches, QuantizeParams(calibration_count=32))
+    quantize_int8(source, tmp_path / "int8.onnx", batches, QuantizeParams(calibration_count=32),
+                  int8.U8S8)
     ort = fused_ops(tmp_path / "int8.onnx")
     assert ort["standalone_relu"] == 0
     assert ort["op_types"].get("QLinearConv", 0) == 21

@@ -179,9 +179,22 @@ def test_build_profiles_on_a_device_and_records_it(ssh_server, tmp_path, monkeyp
     monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
     result = build(BuildRequest(model=Path(__file__).parent.parent / "examples/digits/model.toml",
                                 target="local", out=tmp_path / "out", device="loopback",
-                                measure=QUICK, profiles=tmp_path / "profiles"))
+                                eval_count=200, measure=QUICK, profiles=tmp_path / "profiles"))
     profile = json.loads((result.directory / "profile.json").read_text())
     assert profile["device"] == "loopback"
-    assert all(row.latency is not None for row in result.rows)
+    fp32, on_host, on_board = result.rows
+    assert fp32.latency is not None and on_host.latency is not None
+    assert on_host.latency_on == "loopback" and on_host.top1_on == "host"
+    assert on_board.top1_on == "loopback" and "first 200 images" in on_board.name
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    device_accuracy = manifest["accuracy_on_device"]
+    assert device_accuracy["total"] == 200 and manifest["accuracy"]["total"] == 500
+    assert device_accuracy["measured_on"]["device"] == "loopback"
+    assert device_accuracy["measured_on"]["cpu"]["int8_path"] == \
+        manifest["cpu"]["runs_on"]["int8_path"] == manifest["int8"]["int8_path"]
+    assert device_accuracy["same_predictions_as_host"]  # the board is this very machine
+    assert device_accuracy["top1"] == device_accuracy["host_top1_same_images"]
+    assert manifest["cpu"]["runs_on"]["source"] == "device loopback"
+    assert not result.warnings
     [record] = ProfileDB(tmp_path / "profiles").records("loopback")
     assert record["model_hash"] == result.manifest["hash"]

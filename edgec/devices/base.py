@@ -22,6 +22,9 @@ class Device(Protocol):
 
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict: ...
 
+    def cpu(self) -> dict[str, Any]:
+        """The CPU as the runner sees it: arch, model, int8 features and kernel path."""
+
 
 def parse_runner_output(stdout: str, stderr: str, device: str) -> dict[str, Any]:
     """The runner prints one JSON object as its last line; anything else is a runner crash."""

@@ -44,5 +44,11 @@ class LocalDevice:
         done = subprocess.run(["sh", "-c", STATE_SCRIPT], capture_output=True, text=True)
         return probe.parse(done.stdout)
 
+    def cpu(self) -> dict[str, Any]:
+        """This machine's CPU as the runner sees it."""
+        from edgec.runner.runner import cpu_info
+
+        return cpu_info()
+
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict:
         return self.run_runner(artifact_dir, eval_args(data, start, count))

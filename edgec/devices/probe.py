@@ -11,6 +11,8 @@ import re
 import shlex
 from typing import Any
 
+from edgec.runner import RUNNER_PATH
+
 # Each line prints one key; a missing file gives an empty value, never an error.
 STATE_SCRIPT = r"""
 echo "governor=$(cat /sys/devices/system/cpu/cpu*/cpufreq/scaling_governor 2>/dev/null \
@@ -48,7 +50,25 @@ mkdir -p {wd} 2>/dev/null
 echo "disk_free_kb=$(df -Pk {wd} 2>/dev/null | awk 'NR==2 {{print $4}}')"
 echo "python=$({py} -c 'import platform; print(platform.python_version())' 2>/dev/null)"
 echo "runtimes=$({py} -c {shlex.quote(_RUNTIMES)} 2>/dev/null)"
+echo "cpu=$({cpu_command(python)})"
 """
+
+
+def cpu_command(python: str) -> str:
+    """Run the artifact runner's CPU probe (``runner.py cpu``) on the board, from stdin, so the
+    board reads its CPU exactly as the runner will: one JSON line, or nothing without numpy."""
+    source = RUNNER_PATH.read_text()
+    end = "EDGEC_RUNNER_SOURCE"
+    assert end not in source
+    return f"{shlex.quote(python)} - cpu 2>/dev/null <<'{end}'\n{source}\n{end}\n"
+
+
+def parse_cpu(text: str) -> dict[str, Any] | None:
+    """The ``cpu`` object of ``runner.py cpu`` output, or None."""
+    try:
+        return json.loads(text.strip().splitlines()[-1])["cpu"]
+    except (IndexError, KeyError, TypeError, json.JSONDecodeError):
+        return None
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -66,6 +86,8 @@ def parse(text: str) -> dict[str, Any]:
         if key in raw:
             value = raw[key].strip()
             facts[key.replace("_kb", "_mb")] = int(value) / 1024.0 if value.isdigit() else None
+    if "cpu" in raw:
+        facts["cpu"] = parse_cpu(raw["cpu"])
     if "runtimes" in raw:
         try:
             facts["runtimes"] = json.loads(raw["runtimes"] or "{}")

@@ -135,6 +135,17 @@ class SSHDevice:
         script = probe.facts_script(self.config.python, self.workdir)
         return self._retrying(lambda: probe.parse(self._exec_ok(script, 60, "probe")))
 
+    def cpu(self) -> dict[str, Any]:
+        """The board's CPU as its runner sees it (``runner.py cpu``: arch, model, int8 path)."""
+        command = probe.cpu_command(self.config.python)
+        found = self._retrying(lambda: probe.parse_cpu(self._exec_ok(command, 120, "cpu probe")))
+        if found is None:
+            raise RemoteCommandError(
+                f"board {self.name}: {self.config.python} could not read its CPU (the runner "
+                f"needs numpy there: `{self.config.python} -m pip install numpy`, or set python "
+                f"in the device file)")
+        return found
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -388,14 +388,15 @@ def _stream_times(chains, images: np.ndarray, rounds: int = 5) -> list[float]:
 
 
 def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
-    from edgec.passes.quantize import QuantizeParams, quantize_int8
+    from edgec.passes.quantize import QuantizeParams, int8_choice, quantize_int8
 
     source = ctx.workdir / "early_exit-costs.onnx"
     target = ctx.workdir / "early_exit-costs-int8.onnx"
     onnx.save(combined, str(source))
     images = ctx.calibration.images[:64]
     batches = [preprocess(images[i:i + 32], ctx.input_spec) for i in range(0, len(images), 32)]
-    quantize_int8(source, target, batches, QuantizeParams(calibration_count=len(images)),
+    params = QuantizeParams(calibration_count=len(images))
+    quantize_int8(source, target, batches, params, int8_choice(params, ctx).scheme,
                   ee.head_node_names(combined))
     model = onnx.load(str(target))
     source.unlink()

@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgec import hawq, zeroq
+from edgec import hawq, int8, zeroq
 from edgec.artifact import Artifact
 from edgec.config import check_choice
+from edgec.cpu import host_cpu, target_cpu
 from edgec.data import Dataset, preprocess, to_batches
 from edgec.errors import BudgetError, DataError, PassError
 from edgec.pipeline import Context, Step
@@ -51,9 +52,13 @@ class QuantizeParams:
     used for nothing else, ``weight_bytes_budget`` the largest allowed fraction of the int8
     model's weight bytes; Hessian traces use ``hessian_count`` calibration images and
     ``hessian_samples`` Hutchinson probes per batch.
+
+    ``scheme``: the int8 types ("auto": the target backend's policy for the CPU that runs the
+    artifact, see edgec.int8; or one of edgec.int8.SCHEMES, e.g. "u8s8-reduce-range").
     """
 
     mode: str = "int8"
+    scheme: str = "auto"
     per_channel: bool = True
     calibration: str = "auto"
     calibration_count: int = 512
@@ -70,6 +75,7 @@ class QuantizeParams:
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
+        check_choice("scheme", self.scheme, ("auto", *int8.SCHEMES))
         check_choice("calibration", self.calibration, CALIBRATION_SOURCES)
         check_choice("calibration_method", self.calibration_method, CALIBRATION_METHODS)
         for name in ("calibration_count", "batch", "holdout_count", "hessian_count",
@@ -99,6 +105,7 @@ class QuantizePass:
     Params = QuantizeParams
     search_space = {
         "mode": list(MODES),
+        "scheme": ["auto", *int8.SCHEMES],
         "calibration": ["data", "datafree"],
         "calibration_method": list(CALIBRATION_METHODS),
         "accuracy_budget": (0.25, 3.0),
@@ -111,8 +118,9 @@ class QuantizePass:
     def run(self, artifact: Artifact, params: QuantizeParams, ctx: Context) -> Artifact:
         path = ctx.workdir / f"{len(artifact.lineage):02d}-quantize.onnx"
         batches, report = calibration_batches(params, ctx)
+        choice = int8_choice(params, ctx)
         with tempfile.TemporaryDirectory(prefix="quantize-", dir=ctx.workdir) as scratch:
-            quantizer = Quantizer(artifact.payload, batches, params, Path(scratch),
+            quantizer = Quantizer(artifact.payload, batches, params, choice.scheme, Path(scratch),
                                   artifact.extras.get("float_nodes", ()))
             if params.mode == "int8":
                 quantizer.write({}, path)
@@ -121,12 +129,22 @@ class QuantizePass:
                 bits, mixed_report = choose_mixed(quantizer, artifact, params, ctx, path)
                 report.update(mixed_report)
         report.update(bits=bits, weight_bytes=weight_bytes(path),
-                      float_nodes=len(quantizer.float_nodes))
-        ctx.progress(f"quantize: {params.mode} ({report['calibration']}), "
+                      float_nodes=len(quantizer.float_nodes), int8_scheme=choice.to_json())
+        ctx.progress(f"quantize: {params.mode} {choice.scheme.name} ({report['calibration']}), "
                      f"{sum(b == 4 for b in bits.values())} of {len(bits)} layers at 4 bits")
         precision = "int8" if params.mode == "int8" else "mixed-int4-int8"
         return artifact.derive("onnx", path, Step(self, params).lineage(report),
-                               precision=precision, weight_bits=bits)
+                               precision=precision, weight_bits=bits, int8=choice.to_json())
+
+
+def int8_choice(params: QuantizeParams, ctx: Context) -> int8.Int8Choice:
+    """The int8 scheme for this build: forced by ``params.scheme``, else the policy of the
+    build's backend (or the target's first) for the CPU that runs the artifact. A context
+    without a target (a pass run on its own) quantizes for ONNX Runtime on this host."""
+    target = ctx.target
+    cpu = ctx.cpu or (target_cpu(target) if target is not None else host_cpu())
+    backend = ctx.backend or (None if target is not None else "onnxruntime")
+    return int8.choose(target, cpu, backend, params.scheme)
 
 
 def calibration_batches(params: QuantizeParams, ctx: Context) -> tuple[list[np.ndarray], dict]:
@@ -163,9 +181,9 @@ class Quantizer:
     of nodes left in float (an earlier pass asked for them in ``extras['float_nodes']``).
     """
 
-    def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams, scratch: Path,
-                 float_nodes: Sequence[str] = ()):
-        self.batches, self.params, self.scratch = batches, params, scratch
+    def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams,
+                 scheme: int8.Int8Scheme, scratch: Path, float_nodes: Sequence[str] = ()):
+        self.batches, self.params, self.scheme, self.scratch = batches, params, scheme, scratch
         self.float_nodes = list(float_nodes)
         self.pre = scratch / "pre.onnx"
         _pre_process(source, self.pre)
@@ -189,7 +207,7 @@ class Quantizer:
                              "zero_point": np.int8(0)} for s in scales]
                 channels[0]["axis"] = 0
                 overrides[self.tensor_names[layer]] = channels
-        _quantize_static(self.pre, target, self.batches, self.params, overrides,
+        _quantize_static(self.pre, target, self.batches, self.params, self.scheme, overrides,
                          self.float_nodes)
 
 
@@ -369,28 +387,29 @@ def _pre_process(source, target: Path) -> None:
 
 
 def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizeParams,
-                  float_nodes: Sequence[str] = ()) -> None:
-    """quant_pre_process then quantize_static (QDQ, int8 weights and activations), the nodes
-    named in ``float_nodes`` left in float."""
+                  scheme: int8.Int8Scheme, float_nodes: Sequence[str] = ()) -> None:
+    """quant_pre_process then quantize_static (QDQ, int8 weights and activations typed by
+    ``scheme``), the nodes named in ``float_nodes`` left in float."""
     target = Path(target)
     pre = target.with_suffix(".pre.onnx")
     _pre_process(source, pre)
-    _quantize_static(pre, target, batches, params, float_nodes=float_nodes)
+    _quantize_static(pre, target, batches, params, scheme, float_nodes=float_nodes)
     pre.unlink()
 
 
 def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params: QuantizeParams,
-                     overrides: dict | None = None,
+                     scheme: int8.Int8Scheme, overrides: dict | None = None,
                      float_nodes: Sequence[str] = ()) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[params.calibration_method]
+    options = scheme.ort_options()
+    options["extra_options"] = {**options["extra_options"],
+                                "TensorQuantOverrides": overrides or {}}
     quantize_static(str(pre), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
-                    per_channel=params.per_channel, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method,
-                    nodes_to_exclude=list(float_nodes),
-                    extra_options={"TensorQuantOverrides": overrides or {}})
+                    per_channel=params.per_channel, calibrate_method=method,
+                    nodes_to_exclude=list(float_nodes), **options)
 
 
 class _Reader:

@@ -3,6 +3,7 @@
 
 Needs only the Python standard library, numpy and the artifact's runtime (onnxruntime, tvm).
 Usage:
+  python runner.py cpu
   python runner.py measure [--warmup 10] [--repeat 50] [--min-time 1.0] [--threads 1]
                            [--batch 1] [--data images.npz]
   python runner.py eval --data images.npz [--start 0] [--count 0] [--batch 100]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import resource
 import sys
 import time
@@ -29,6 +31,102 @@ def preprocess(images, spec):
     if spec["mean"]:
         x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(spec["dtype"])
+
+
+# ----- the CPU, as the int8 kernels see it ------------------------------------------------------
+# /proc/cpuinfo flag -> numpy's run-time CPU feature (CPUID / HWCAP, which emulators report
+# truthfully while /proc/cpuinfo may be the host's); None: only /proc/cpuinfo knows it.
+INT8_FEATURES = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW",
+                 "avx512_vnni": "AVX512VNNI", "avx_vnni": None, "amx_int8": None,
+                 "asimd": "ASIMD", "asimddp": "ASIMDDP", "i8mm": None, "sve": "SVE"}
+# int8 kernel families; on x86 without VNNI, u8 x s8 products are summed in pairs into int16
+# (VPMADDUBSW), which saturates
+SATURATING_U8S8_PATHS = ("x86-avx2", "x86-avx512bw", "x86-sse")
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72",
+             "0xd0b": "Cortex-A76", "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE",
+             "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd4f": "Neoverse-V2"}
+ISA_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "armv7l": "armv7", "armv8l": "armv7"}
+
+
+def int8_path(arch, features):
+    """The int8 kernel family a CPU with ``features`` runs (ONNX Runtime's MLAS dispatch)."""
+    features = set(features)
+    if arch == "x86_64":
+        if features & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+            return "x86-vnni"
+        if "avx512bw" in features:
+            return "x86-avx512bw"
+        return "x86-avx2" if "avx2" in features else "x86-sse"
+    if arch == "aarch64":
+        if "i8mm" in features:
+            return "arm64-i8mm"
+        return "arm64-dotprod" if "asimddp" in features else "arm64-neon"
+    return arch
+
+
+def u8s8_saturates(scheme, path):
+    """Whether int8 scheme ``scheme`` (by name) can saturate on the kernels of ``path``."""
+    return scheme == "u8s8" and path in SATURATING_U8S8_PATHS
+
+
+def parse_cpuinfo(text):
+    """(model name, set of flags) from /proc/cpuinfo text (x86 'flags', Arm 'Features')."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    part = fields.get("cpu part", "")
+    model = fields.get("model name") or ARM_PARTS.get(part) or (f"Arm part {part}" if part else "")
+    return model, flags
+
+
+def runtime_cpu_features():
+    """numpy's run-time CPU feature table, or None where this numpy has none."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return None
+    return __cpu_features__
+
+
+def cpu_info(cpuinfo_text=None, machine=None, detected=None):
+    """This CPU: {'arch', 'model', 'features' (the int8-relevant ones), 'int8_path'}.
+
+    A feature numpy detects at run time is taken from numpy; the others from /proc/cpuinfo."""
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo_text = ""
+    machine = machine or platform.machine()
+    arch = ISA_ALIASES.get(machine, machine)
+    detected = runtime_cpu_features() if detected is None else detected
+    model, flags = parse_cpuinfo(cpuinfo_text)
+    features = sorted(flag for flag, key in INT8_FEATURES.items()
+                      if (detected[key] if detected and key in detected else flag in flags))
+    return {"arch": arch, "model": model or platform.processor() or arch,
+            "features": features, "int8_path": int8_path(arch, features)}
+
+
+def int8_path_warning(manifest, cpu):
+    """A warning when this CPU's int8 kernels differ from those the accuracy was measured with."""
+    scheme = manifest.get("int8", {}).get("scheme")
+    measured = manifest.get("accuracy", {}).get("measured_on", {}).get("cpu")
+    if not scheme or not measured or measured["int8_path"] == cpu["int8_path"]:
+        return None
+    saturates = [path for path in (measured["int8_path"], cpu["int8_path"])
+                 if u8s8_saturates(scheme, path)]
+    effect = ("this scheme's int16 sums saturate on " + " and ".join(saturates)
+              + ": expect a different top-1" if saturates else "results may differ in rounding")
+    return (f"int8 accuracy {manifest['accuracy'].get('top1', float('nan')) * 100:.2f} % was "
+            f"measured on {measured['model']} ({measured['int8_path']}); this CPU is "
+            f"{cpu['model']} ({cpu['int8_path']}), scheme {scheme}: {effect}; run "
+            f"`python runner.py eval --data test.npz` here to measure it")
 
 
 def ort_session(path, threads):
@@ -274,7 +372,7 @@ def evaluate(predict, manifest, args):
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["measure", "eval"])
+    parser.add_argument("mode", choices=["measure", "eval", "cpu"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=10)
@@ -294,11 +392,19 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv if argv is not None else sys.argv[1:])
+    cpu = cpu_info()
+    if args.mode == "cpu":
+        print(json.dumps({"mode": "cpu", "cpu": cpu}))
+        return
     manifest = json.loads((HERE / "manifest.json").read_text())
+    warning = int8_path_warning(manifest, cpu)
+    if warning:
+        print(f"runner: warning: {warning}", file=sys.stderr)
     predict, versions = load(manifest, args.threads)
     result = measure(predict, manifest, args) if args.mode == "measure" else evaluate(predict, manifest, args)
     result.update({"mode": args.mode, "threads": args.threads, "runtime": versions,
-                   "peak_rss_mb": peak_rss_mb(), "artifact": manifest["hash"]})
+                   "peak_rss_mb": peak_rss_mb(), "artifact": manifest["hash"], "cpu": cpu,
+                   "warnings": [warning] if warning else []})
     print(json.dumps(result))
 
 
