@@ -321,7 +321,9 @@ def _device_accuracy(artifact: Path, eval_npz: Path, count: int, manifest: dict[
 def _accuracy_warnings(manifest: dict[str, Any]) -> list[str]:
     """Where host and device disagree by more than DISAGREEMENT_POINTS, and the runner's own."""
     on_device = manifest["accuracy_on_device"]
-    notes = list(on_device.get("runner_warnings", ()))
+    # the runner can only suspect a difference; the build knows whether there was one
+    same = on_device.get("same_predictions_as_host", False)
+    notes = [] if same else list(on_device.get("runner_warnings", ()))
     if "host_top1_same_images" in on_device:
         gap = (on_device["top1"] - on_device["host_top1_same_images"]) * 100
         if abs(gap) > DISAGREEMENT_POINTS:

@@ -26,6 +26,15 @@ def artifact_predict(directory: Path):
     return predict
 
 
+def host_saturates(manifest) -> bool:
+    """Whether this host's int8 kernels saturate with the artifact's scheme (x86 without VNNI
+    and plain u8s8): then its predictions may differ from an Arm board's, which sums exactly."""
+    from edgec import int8
+    from edgec.cpu import host_cpu
+
+    return int8.saturates(int8.SCHEMES[manifest["int8"]["scheme"]], host_cpu().int8_path)
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason it is missing."""
     from edgec.data import shared_data_dir

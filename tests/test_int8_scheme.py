@@ -121,6 +121,10 @@ def test_build_says_when_host_and_device_disagree(device_top1, warns):
     assert bool(notes) == warns
     if warns:
         assert "pi" in notes[0] and "-0.15 points" in notes[0] and "x86-vnni" in notes[0]
+    suspected = {**manifest["accuracy_on_device"], "runner_warnings": ["other int8 kernels"]}
+    assert "other int8 kernels" in _accuracy_warnings({**manifest, "accuracy_on_device": suspected})
+    same = {**suspected, "same_predictions_as_host": True, "top1": 0.9165}
+    assert _accuracy_warnings({**manifest, "accuracy_on_device": same}) == []
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,9 @@ def test_default_scheme_is_exact_on_avx2_where_u8s8_saturates(resnet20_int8_mode
     assert np.abs(emulated["rr"] - native["rr"]).max() < 1e-5
     if not int8.saturates(int8.U8S8, here):  # this host sums exactly; Haswell saturates
         assert np.abs(emulated["u8s8"] - native["u8s8"]).max() > 1e-3
+
+
+def test_an_emulated_arm_cpu_ignores_the_hosts_x86_cpuinfo():
+    info = runner.cpu_info(EPYC_VNNI, "aarch64", detected={"ASIMD": True, "ASIMDDP": True})
+    assert info == {"arch": "aarch64", "model": "aarch64 (model unknown)",
+                    "features": ["asimd", "asimddp"], "int8_path": "arm64-dotprod"}

