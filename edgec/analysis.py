@@ -218,6 +218,27 @@ def _strip(name: str) -> list[str]:
     return candidates
 
 
+def module_names(path: str | Path) -> dict[str, str]:
+    """ONNX Conv/Gemm node name → the torch module it came from ('/conv1_1/Conv' →
+    'layer1.0.conv1'), read from its weight's initialiser name (through DequantizeLinear)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name for init in graph.initializer}
+    names = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        source = producers.get(weight)
+        if source is not None and source.op_type == "DequantizeLinear":
+            weight = source.input[0]
+        if weight in initializers:
+            names[node.name] = weight.removesuffix("_quantized").removesuffix(".weight")
+    return names
+
+
 def efficiency_report(path: str | Path, input_shape: tuple[int, ...], peak_gmacs: float,
                       element_bytes: float = 4, runs: int = 50,
                       threads: int = 1) -> tuple[list[LayerEfficiency], float]:
@@ -237,12 +258,14 @@ def efficiency_report(path: str | Path, input_shape: tuple[int, ...], peak_gmacs
             charged[owner] += time_us
         else:
             other += time_us
+    labels = module_names(path)
     layers = []
     for name, cost in costs.items():
         time_us = charged.get(name, 0.0)
         gmacs = cost.macs / (time_us * 1e3) if time_us else float("nan")
-        layers.append(LayerEfficiency(name, cost.kind, cost.macs, cost.bytes_moved(element_bytes),
-                                      time_us, gmacs, gmacs / peak_gmacs))
+        layers.append(LayerEfficiency(labels.get(name, name), cost.kind, cost.macs,
+                                      cost.bytes_moved(element_bytes), time_us, gmacs,
+                                      gmacs / peak_gmacs))
     return layers, other
 
 
@@ -264,18 +287,39 @@ def render_efficiency(layers: list[LayerEfficiency], other_us: float, peak_gmacs
     return "\n".join(lines)
 
 
-def efficiency_section(directory: str | Path, manifest: dict[str, Any]) -> str:
-    """The report.md section for an ONNX Runtime artifact on this host ('' otherwise)."""
+@dataclass(frozen=True)
+class Efficiency:
+    """An artifact's efficiency report: per-layer rows, other nodes' time, peak and precision."""
+
+    layers: list[LayerEfficiency]
+    other_us: float
+    peak_gmacs: float
+    precision: str
+
+    def markdown(self) -> str:
+        return render_efficiency(self.layers, self.other_us, self.peak_gmacs, self.precision)
+
+
+def artifact_efficiency(directory: str | Path, manifest: dict[str, Any]) -> Efficiency | None:
+    """The efficiency report of an ONNX Runtime artifact, profiled on this host (None for other
+    backends or a target without a peak rate for the precision)."""
     entry = manifest.get("entry", {})
     if entry.get("backend") != "onnxruntime":
-        return ""
+        return None
     precision = "int8" if any(s.get("pass") == "quantize" for s in manifest.get("lineage", [])) \
         else "fp32"
     peak = manifest["target"].get("peak_gmacs", {}).get(precision)
     if not peak:
-        return ""
+        return None
     path = Path(directory) / entry["files"][0]
     layers, other = efficiency_report(path, tuple(manifest["input"]["shape"]), peak,
                                       ELEMENT_BYTES[precision])
-    return ("\n## Efficiency gap per layer (profiled on this host)\n"
-            + render_efficiency(layers, other, peak, precision) + "\n")
+    return Efficiency(layers, other, peak, precision)
+
+
+def efficiency_section(directory: str | Path, manifest: dict[str, Any]) -> str:
+    """The report.md section for an ONNX Runtime artifact on this host ('' otherwise)."""
+    efficiency = artifact_efficiency(directory, manifest)
+    if efficiency is None:
+        return ""
+    return "\n## Efficiency gap per layer (profiled on this host)\n" + efficiency.markdown() + "\n"

@@ -71,19 +71,28 @@ def atomic_directory(final: Path):
     """Yield a temporary directory next to ``final``; rename it into place only on success.
 
     A failure leaves nothing at ``final``. An existing ``final`` (same hash: same content) is
-    replaced.
+    replaced. The directory gets the mode the user's umask gives new directories (mkdtemp's is
+    0o700).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(0o777 & ~current_umask())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:

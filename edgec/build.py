@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import sys
@@ -21,11 +20,12 @@ from edgec.cpu import CpuInfo, host_cpu, target_cpu
 from edgec.data import Dataset, load_data_config
 from edgec.devices import LocalDevice, open_device
 from edgec.errors import CompileError, ConfigError, ModelError
-from edgec.measure import Measurement, MeasureSpec
+from edgec.measure import MeasureSpec
 from edgec.model import ModelConfig, load_model_config, load_torch_model
 from edgec.passes.export import ExportParams, ExportPass
-from edgec.pipeline import Context, Pipeline, Step, load_recipe
+from edgec.pipeline import Context, Pipeline, Step, load_recipe, resolve_recipe
 from edgec.profiles import ProfileDB
+from edgec.report import Row, cpu_words, write_reports
 from edgec.runner import RUNNER_PATH
 from edgec.targets import Target, load_target
 
@@ -36,7 +36,7 @@ class BuildRequest:
 
     model: Path
     target: str = "local"
-    recipe: Path | None = None
+    recipe: Path | str | None = None  # a TOML path or a built-in recipe's name
     data: Path | None = None
     out: Path = Path("build")
     measure: MeasureSpec = field(default_factory=MeasureSpec)
@@ -52,23 +52,6 @@ DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the 
 
 
 @dataclass(frozen=True)
-class Row:
-    """One line of the result table; ``top1_on`` / ``latency_on`` say where each was measured."""
-
-    name: str
-    top1: float
-    size_bytes: int
-    latency: Measurement | None
-    top1_on: str = ""
-    latency_on: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        latency = self.latency.summary() if self.latency else None
-        return {"name": self.name, "top1": self.top1, "size_bytes": self.size_bytes,
-                "latency": latency, "top1_on": self.top1_on, "latency_on": self.latency_on}
-
-
-@dataclass(frozen=True)
 class BuildResult:
     directory: Path
     manifest: dict[str, Any]
@@ -78,10 +61,7 @@ class BuildResult:
 
 def default_recipe(target: Target | None = None) -> Path:
     """The target's ``[options] recipe`` (e.g. "fpga" for hls4ml targets), else int8."""
-    from edgec.resources import builtin_dir
-
-    name = target.options.get("recipe", "int8") if target else "int8"
-    return builtin_dir("passes") / f"{name}.toml"
+    return resolve_recipe(target.options.get("recipe", "int8") if target else "int8")
 
 
 def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
@@ -277,14 +257,15 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
                 progress(f"profiling on {profiler.name}")
                 latency = profiler.measure(tmp, _measure_spec(request.measure, manifest, eval_npz,
                                                                  request.device))
-                write_json(tmp / "profile.json", {"device": profiler.name, **latency.to_json()})
+                # summaries only: a board's samples go to the profile database (ProfileDB)
+                write_json(tmp / "profile.json", {"device": profiler.name, **latency.summary()})
             rows = _built_rows(manifest, pipeline, latency, profiler.name, eval_npz, target)
-            report = render_report(manifest, [reference, *rows])
+            efficiency = None
             if request.profile and request.device == "local":
-                from edgec.analysis import efficiency_section
+                from edgec.analysis import artifact_efficiency
 
-                report += efficiency_section(tmp, manifest)
-            (tmp / "report.md").write_text(report)
+                efficiency = artifact_efficiency(tmp, manifest)
+            write_reports(tmp, manifest, [reference, *rows], efficiency)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, manifest, rows
@@ -329,17 +310,13 @@ def _accuracy_warnings(manifest: dict[str, Any]) -> list[str]:
         if abs(gap) > DISAGREEMENT_POINTS:
             where = on_device["measured_on"]
             notes.append(
-                f"top-1 on {where['device']} ({_cpu_words(where['cpu'])}) is "
+                f"top-1 on {where['device']} ({cpu_words(where['cpu'])}) is "
                 f"{on_device['top1'] * 100:.2f} %, on this host "
-                f"({_cpu_words(manifest['accuracy']['measured_on']['cpu'])}) "
+                f"({cpu_words(manifest['accuracy']['measured_on']['cpu'])}) "
                 f"{on_device['host_top1_same_images'] * 100:.2f} % on the same "
                 f"{on_device['total']} images ({gap:+.2f} points): the device's number is the one "
                 f"that holds there")
     return notes
-
-
-def _cpu_words(cpu: dict[str, Any] | None) -> str:
-    return f"{cpu['model']}, {cpu['int8_path']}" if cpu else "CPU unknown"
 
 
 def _built_rows(manifest, pipeline, latency, profiler_name, eval_npz, target) -> list[Row]:
@@ -379,60 +356,3 @@ def _subset_note(accuracy: dict[str, Any], eval_npz: Path) -> str:
         size = len(npz["labels"])
     total = accuracy.get("total", size)
     return "" if total == size else f", first {total} images"
-
-
-def format_top1(value: float | None) -> str:
-    """Top-1 as a percentage; "n/a" where the artifact cannot run on this host."""
-    return "n/a" if value is None or value != value else f"{value * 100:.2f} %"
-
-
-TABLE_COLUMNS = ("config", "top-1", "top-1 on", "p50 ms", "p90 ms", "latency on", "size KiB")
-
-
-def table_cells(row: Row) -> tuple[str, ...]:
-    """One row's cells, in TABLE_COLUMNS order."""
-    lat = row.latency
-    return (row.name, format_top1(row.top1), row.top1_on or "-",
-            f"{lat.p50:.3f}" if lat else "-", f"{lat.p90:.3f}" if lat else "-",
-            row.latency_on if lat else "-", f"{row.size_bytes / 1024:.1f}")
-
-
-def render_table(rows) -> str:
-    """Markdown table: accuracy, latency p50/p90 and size per row, and where each was measured."""
-    lines = [f"| {' | '.join(TABLE_COLUMNS)} |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += [f"| {' | '.join(table_cells(row))} |" for row in rows]
-    return "\n".join(lines)
-
-
-def where_line(manifest: dict[str, Any]) -> str:
-    """'host: AMD EPYC (x86-vnni); pi-lab: Cortex-A72 (arm64-neon)': the CPUs behind the table."""
-    places = {"host": manifest["cpu"]["build_host"]}
-    on_device = manifest.get("accuracy_on_device")
-    if on_device and on_device["measured_on"]["cpu"]:
-        places[on_device["measured_on"]["device"]] = on_device["measured_on"]["cpu"]
-    return "measured on " + "; ".join(f"{name}: {_cpu_words(cpu)}" for name, cpu in places.items())
-
-
-def int8_line(manifest: dict[str, Any]) -> str:
-    """'int8 scheme u8s8-reduce-range for x86-avx2 (AMD EPYC, this host): reason', or ''."""
-    choice = manifest.get("int8")
-    if not choice:
-        return ""
-    cpu = manifest["cpu"]["runs_on"]
-    return (f"int8 scheme `{choice['scheme']}` for {choice['int8_path']} ({cpu['model']}, "
-            f"{cpu['source']}): {choice['reason']}")
-
-
-def report_notes(manifest: dict[str, Any]) -> list[str]:
-    """The lines under the table: where, which int8 scheme and why, and any warnings."""
-    return [line for line in (where_line(manifest), int8_line(manifest),
-                              *manifest.get("warnings", ())) if line]
-
-
-def render_report(manifest: dict[str, Any], rows) -> str:
-    lineage = "\n".join(f"- `{s['pass']}` {json.dumps(s['params'])} → {json.dumps(s['report'])}"
-                        for s in manifest["lineage"])
-    notes = "".join(f"- {line}\n" for line in report_notes(manifest))
-    return (f"# {manifest['name']} for {manifest['target']['name']}\n\n"
-            f"hash `{manifest['hash']}`, backend `{manifest['entry']['backend']}`\n\n"
-            f"{render_table(rows)}\n\n{notes}\n## Lineage\n{lineage}\n")

@@ -13,10 +13,25 @@ from edgec.errors import EdgecError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile a PyTorch model into a measured artifact for an edge device.")
 console = Console()
+errors = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from edgec import __version__
+
+        console.print(f"edgec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Compile a PyTorch model into a measured artifact for an edge device."""
 
 
 def _fail(exc: EdgecError) -> None:
-    console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -24,7 +39,9 @@ def _fail(exc: EdgecError) -> None:
 def build(
     model: Path = typer.Argument(..., help="model TOML (factory/checkpoint/input/data)"),
     target: str = typer.Option("local", help="target name (see `edgec targets`) or TOML path"),
-    recipe: Path = typer.Option(None, help="pass recipe TOML (default: passes/int8.toml)"),
+    recipe: str = typer.Option(None, help="built-in recipe name (int8, mixed, prune-int8, ...; see "
+                                          "`edgec recipes`) or a recipe TOML path (default: the "
+                                          "target's, else int8)"),
     data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
     out: Path = typer.Option(Path("build"), help="root of build/<target>/<model>-<hash>/"),
     repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
@@ -56,7 +73,7 @@ def build(
             result = run_build(request, lambda message: bar.update(task, description=message))
     except EdgecError as exc:
         _fail(exc)
-    from edgec.build import report_notes
+    from edgec.report import report_notes
 
     console.print(_rows_table(result.rows, f"{result.manifest['name']} → {target}"))
     for line in report_notes(result.manifest):
@@ -65,7 +82,7 @@ def build(
 
 
 def _rows_table(rows, title: str) -> Table:
-    from edgec.build import TABLE_COLUMNS, table_cells
+    from edgec.report import TABLE_COLUMNS, table_cells
 
     table = Table(title=title)
     for column in TABLE_COLUMNS:
@@ -92,6 +109,22 @@ def targets():
                           ",".join(t.precisions), ",".join(t.backends), t.description)
     except EdgecError as exc:
         _fail(exc)
+    console.print(table)
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes (usable by name: --recipe int8)."""
+    from edgec.config import load_toml
+    from edgec.pipeline import recipe_paths
+
+    table = Table(title="recipes")
+    for column in ("name", "passes", "description"):
+        table.add_column(column, overflow="fold")
+    for name, path in recipe_paths().items():
+        raw = load_toml(path)
+        table.add_row(name, " → ".join(s.get("pass", "?") for s in raw.get("step", [])),
+                      raw.get("description", ""))
     console.print(table)
 
 

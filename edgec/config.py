@@ -26,21 +26,28 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: malformed TOML ({exc}); fix the syntax") from exc
 
 
+def suggest(word: str, known: typing.Iterable[str], what: str = "known") -> str:
+    """'did you mean 'x'?' for the closest of ``known``, else the list of them."""
+    known = list(known)
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"{what}: {', '.join(known)}"
+
+
 def check_keys(data: dict[str, Any], allowed: typing.Iterable[str], where: str) -> None:
     """Raise ConfigError for the first key of ``data`` not in ``allowed``, with a suggestion."""
     allowed = list(allowed)
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
-            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
+            raise ConfigError(f"{where}: unknown key {key!r}; {suggest(key, allowed, 'known keys')}")
 
 
 def check_choice(name: str, value: str, allowed: typing.Iterable[str]) -> None:
     """Raise ValueError (a ConfigError once in :func:`from_dict`) unless ``value`` is allowed."""
     allowed = list(allowed)
     if value not in allowed:
-        raise ValueError(f"{name} {value!r} unknown; use one of {allowed}")
+        close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{name} {value!r} unknown; {hint}use one of {allowed}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:

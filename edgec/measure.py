@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgec.errors import MeasureError
+from edgec.runner import runner
 
 HOT_C = 80.0  # most SoCs start to throttle near here (Raspberry Pi: 80-85 °C)
 WARMED_C = 15.0  # a rise this large during one measurement means the timings drifted
@@ -81,10 +81,7 @@ class Measurement:
             raise MeasureError("measurement has no samples; the runner produced none")
 
     def percentile(self, q: float) -> float:
-        data = sorted(self.samples_ms)
-        k = (len(data) - 1) * q / 100.0
-        lo, hi = math.floor(k), math.ceil(k)
-        return data[lo] + (data[hi] - data[lo]) * (k - lo)
+        return runner.percentile(self.samples_ms, q)
 
     @property
     def p50(self) -> float:
@@ -105,13 +102,10 @@ class Measurement:
     @property
     def ci95(self) -> float:
         """Half-width of the 95 % confidence interval of the mean (normal approximation)."""
-        if len(self.samples_ms) < 2:
-            return float("nan")
-        return 1.96 * statistics.stdev(self.samples_ms) / math.sqrt(len(self.samples_ms))
+        return runner.latency_summary(self.samples_ms)["ci95_ms"]
 
     def summary(self) -> dict[str, Any]:
-        return {"p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99, "mean_ms": self.mean,
-                "ci95_ms": self.ci95, "n": len(self.samples_ms), "peak_rss_mb": self.peak_rss_mb,
+        return {**runner.latency_summary(self.samples_ms), "peak_rss_mb": self.peak_rss_mb,
                 "runtime": self.runtime, "warnings": list(self.warnings), **self.extra}
 
     def to_json(self) -> dict[str, Any]:
@@ -120,6 +114,7 @@ class Measurement:
     @classmethod
     def from_runner(cls, result: dict[str, Any], warnings: tuple[str, ...] = ()) -> Measurement:
         extra = {k: v for k, v in result.items()
-                 if k not in ("samples_ms", "peak_rss_mb", "runtime", "mode", "artifact")}
+                 if k not in ("samples_ms", "peak_rss_mb", "runtime", "mode", "artifact",
+                              "summary", "warnings")}
         return cls(tuple(result["samples_ms"]), result["peak_rss_mb"], result.get("runtime", {}),
-                   warnings, extra)
+                   (*warnings, *result.get("warnings", ())), extra)

@@ -29,7 +29,8 @@ def test_artifact_layout(digits_build):
     directory = digits_build.directory
     assert directory.parent.name == "local" and directory.name.startswith("digits-cnn-")
     assert {p.name for p in directory.iterdir()} == {
-        "manifest.json", "model.onnx", "runner.py", "report.md", "profile.json"}
+        "manifest.json", "model.onnx", "runner.py", "report.md", "report.html", "layers.png",
+        "profile.json"}
     manifest = json.loads((directory / "manifest.json").read_text())
     assert [s["pass"] for s in manifest["lineage"]] == ["fuse", "export", "quantize"]
     assert set(manifest["files"]) == {"model.onnx", "runner.py"}
@@ -40,6 +41,39 @@ def test_artifact_layout(digits_build):
     assert manifest["int8"]["int8_path"] == manifest["cpu"]["runs_on"]["int8_path"] \
         == manifest["accuracy"]["measured_on"]["cpu"]["int8_path"]
     assert f"measured on host: {manifest['cpu']['build_host']['model']}" in report
+
+
+def test_report_html_is_self_contained(digits_build):
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.cells, self.images = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.cells.append(data.strip())
+
+    page = Collect()
+    page.feed((digits_build.directory / "report.html").read_text())
+    assert page.images and page.images[0].startswith("data:image/png;base64,iVBOR")
+    assert {"fuse", "export", "quantize", "conv1", "conv2", "fc"} <= set(page.cells)
+    assert page.tags.count("table") == 3  # results, per layer, lineage
+    assert (digits_build.directory / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_artifact_directory_follows_the_umask(digits_build):
+    from edgec.artifact import current_umask
+
+    mode = digits_build.directory.stat().st_mode & 0o777
+    assert mode == 0o777 & ~current_umask()
+    profile = json.loads((digits_build.directory / "profile.json").read_text())
+    assert "samples_ms" not in profile and profile["p50_ms"] > 0 and profile["n"] >= 1
 
 
 def test_same_inputs_same_hash(digits_build, tmp_path):

@@ -7,6 +7,7 @@ Usage:
   python runner.py measure [--warmup 10] [--repeat 50] [--min-time 1.0] [--threads 1]
                            [--batch 1] [--data images.npz]
   python runner.py eval --data images.npz [--start 0] [--count 0] [--batch 100]
+  python runner.py predict IMAGE.png|DIR|images.npz|images.npy [--top 3]
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import platform
 import resource
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -355,7 +359,143 @@ def measure(predict, manifest, args):
         predict(x)
         samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
-    return {"samples_ms": samples, "batch": args.batch, **exit_histogram(predict)}
+    return {"samples_ms": samples, "batch": args.batch, "summary": latency_summary(samples),
+            **exit_histogram(predict)}
+
+
+def percentile(samples, q):
+    """The q-th percentile by linear interpolation between the closest ranks."""
+    data = sorted(samples)
+    k = (len(data) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def latency_summary(samples):
+    """p50/p90/p99, mean and the half-width of its 95 % confidence interval (ms)."""
+    n = len(samples)
+    mean = sum(samples) / n
+    spread = math.sqrt(sum((s - mean) ** 2 for s in samples) / (n - 1)) if n > 1 else float("nan")
+    return {"p50_ms": percentile(samples, 50), "p90_ms": percentile(samples, 90),
+            "p99_ms": percentile(samples, 99), "mean_ms": mean,
+            "ci95_ms": 1.96 * spread / math.sqrt(n), "n": n}
+
+
+# ----- images for predict: PNG without any library (8-bit, not interlaced), else Pillow -----
+PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def read_png(path):
+    """An 8-bit, non-interlaced PNG as a uint8 H x W x C array (grey, grey+alpha, RGB, RGBA)."""
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG file")
+    pos, chunks, header = 8, [], None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            chunks.append(body)
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = header
+    if depth != 8 or interlace or colour not in PNG_CHANNELS:
+        raise ValueError(f"{path}: only 8-bit non-interlaced grey/RGB(A) PNGs are read without "
+                         f"Pillow (pip install pillow for other images)")
+    channels = PNG_CHANNELS[colour]
+    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8)
+    rows = raw.reshape(height, 1 + width * channels)
+    return _unfilter(rows[:, 0], rows[:, 1:].astype(np.int32), channels).reshape(
+        height, width, channels)
+
+
+def _unfilter(kinds, rows, bpp):
+    """Undo PNG's per-row filters (none, sub, up, average, Paeth)."""
+    out = np.zeros_like(rows)
+    for y, kind in enumerate(kinds):
+        prior = out[y - 1] if y else np.zeros_like(rows[0])
+        line = rows[y].copy()
+        if kind in (0, 2):
+            line = (line + (prior if kind == 2 else 0)) & 0xFF
+        else:
+            for x in range(len(line)):
+                left = line[x - bpp] if x >= bpp else 0
+                corner = prior[x - bpp] if x >= bpp else 0
+                if kind == 1:
+                    guess = left
+                elif kind == 3:
+                    guess = (left + prior[x]) // 2
+                else:
+                    p = left + prior[x] - corner
+                    guess = min((abs(p - left), 0, left), (abs(p - prior[x]), 1, prior[x]),
+                                (abs(p - corner), 2, corner))[2]
+                line[x] = (line[x] + guess) & 0xFF
+        out[y] = line
+    return out.astype(np.uint8)
+
+
+def read_image(path, shape):
+    """One image file as uint8 H x W x C matching the model's (C, H, W) ``shape``."""
+    try:
+        from PIL import Image
+    except ImportError:
+        image = read_png(path)
+    else:
+        with Image.open(path) as opened:
+            mode = {1: "L", 3: "RGB"}.get(shape[0], "RGB")
+            image = np.asarray(opened.convert(mode).resize((shape[2], shape[1])))
+    if image.ndim == 2:
+        image = image[:, :, None]
+    channels = shape[0]
+    if image.shape[2] != channels:
+        image = image[:, :, :3] if channels == 3 else image[:, :, :1]
+    if image.shape[:2] != tuple(shape[1:]):
+        raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, the model takes "
+                         f"{shape[2]}x{shape[1]}; resize it first (or pip install pillow)")
+    return image
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def read_inputs(path, shape):
+    """(names, uint8 N x H x W x C images) from an image, a directory of images, .npz or .npy."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        images, _ = read_split(path, 0, 0)
+        return [f"{path.name}[{i}]" for i in range(len(images))], images
+    if path.suffix == ".npy":
+        images = np.load(path, allow_pickle=False)
+        images = images[None] if images.ndim == 3 else images
+        return [f"{path.name}[{i}]" for i in range(len(images))], images
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"runner: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return [str(p) for p in files], np.stack([read_image(p, shape) for p in files])
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predict_files(predict, manifest, args):
+    """Labels and the top-k probabilities for each input image."""
+    spec = manifest["input"]
+    names, images = read_inputs(args.inputs, spec["shape"])
+    classes = manifest.get("class_names") or []
+    results = []
+    for i in range(0, len(images), args.batch):
+        probabilities = softmax(predict(preprocess(images[i:i + args.batch], spec)).astype(np.float64))
+        for name, row in zip(names[i:i + args.batch], probabilities):
+            top = np.argsort(-row)[:args.top]
+            results.append({"input": name, "label": int(top[0]),
+                            "top": [{"label": int(k), "probability": round(float(row[k]), 6),
+                                     **({"class": classes[k]} if k < len(classes) else {})}
+                                    for k in top]})
+    return {"predictions": results, **exit_histogram(predict)}
 
 
 def evaluate(predict, manifest, args):
@@ -374,7 +514,10 @@ def evaluate(predict, manifest, args):
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["measure", "eval", "cpu"])
+    parser.add_argument("mode", choices=["measure", "eval", "predict", "cpu"])
+    parser.add_argument("inputs", nargs="?", default="",
+                        help="predict: an image, a directory of images, .npz or .npy")
+    parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=10)
@@ -389,6 +532,8 @@ def parse(argv):
         args.batch = 1 if args.mode == "measure" else 100
     if args.mode == "eval" and not args.data:
         parser.error("eval needs --data images.npz")
+    if args.mode == "predict" and not args.inputs:
+        parser.error("predict needs an image, a directory of images, .npz or .npy")
     return args
 
 
@@ -403,7 +548,8 @@ def main(argv=None):
     if warning:
         print(f"runner: warning: {warning}", file=sys.stderr)
     predict, versions = load(manifest, args.threads)
-    result = measure(predict, manifest, args) if args.mode == "measure" else evaluate(predict, manifest, args)
+    modes = {"measure": measure, "eval": evaluate, "predict": predict_files}
+    result = modes[args.mode](predict, manifest, args)
     result.update({"mode": args.mode, "threads": args.threads, "runtime": versions,
                    "peak_rss_mb": peak_rss_mb(), "artifact": manifest["hash"], "cpu": cpu,
                    "warnings": [warning] if warning else []})
