@@ -44,6 +44,7 @@ from edgec.accuracy import onnx_logits, top1, torch_logits  # noqa: E402
 from edgec.analysis import total_macs  # noqa: E402
 from edgec.artifact import Artifact  # noqa: E402
 from edgec.build import BuildRequest, build, write_artifact  # noqa: E402
+from edgec.config import resolve_path  # noqa: E402
 from edgec.cpu import host_cpu  # noqa: E402
 from edgec.data import load_data_config, preprocess  # noqa: E402
 from edgec.devices import LocalDevice  # noqa: E402
@@ -245,7 +246,7 @@ def main() -> None:
     config = load_model_config(args.model)
     data = load_data_config(config.resolve(config.data))
     calibration, evaluation = data.load("calibration"), data.load("evaluation")
-    test_npz = (data.root / data.evaluation.path).resolve()
+    test_npz = resolve_path(data.root, data.evaluation.path)
     model = load_torch_model(config)
     macs = total_macs(model, config.input)
     target = load_target("local")

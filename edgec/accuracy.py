@@ -32,9 +32,10 @@ def check_view(name: str, view: str, shape) -> None:
 
 
 def torch_logits(model, dataset: Dataset, spec, batch: int = 500, view: str = "plain",
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, on_batch=lambda done, total: None) -> np.ndarray:
     """Logits of ``model`` on ``dataset``; ``view`` 'shifted' first applies :func:`shifted`
-    (the same images for every model at a given ``seed``)."""
+    (the same images for every model at a given ``seed``); ``on_batch(done, total)`` after
+    each batch."""
     import torch
 
     outputs = []
@@ -44,6 +45,7 @@ def torch_logits(model, dataset: Dataset, spec, batch: int = 500, view: str = "p
             if view == "shifted":
                 x = shifted(x, seed + i)
             outputs.append(model(x).float().numpy())
+            on_batch(min(i + batch, len(dataset)), len(dataset))
     return np.concatenate(outputs)
 
 

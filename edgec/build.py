@@ -73,8 +73,13 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     calibration, evaluation = _load_data(config, request.data)
     progress(f"loading model {config.name}")
     source = _load_source(config)
-    float_top1 = top1(torch_logits(source.payload, evaluation, config.input), evaluation.labels) \
-        if source.stage == "torch" else None
+    float_top1 = None
+    if source.stage == "torch":
+        def counted(done: int, total: int) -> None:
+            progress(f"evaluating the float model: {done:,} / {total:,} images")
+
+        float_top1 = top1(torch_logits(source.payload, evaluation, config.input,
+                                       on_batch=counted), evaluation.labels)
     device, profiler = LocalDevice(), open_device(request.device)
     try:
         cpu = runs_on_cpu(target, profiler)

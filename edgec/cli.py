@@ -94,22 +94,28 @@ def _rows_table(rows, title: str) -> Table:
 
 @app.command()
 def targets():
-    """List the built-in targets."""
+    """List the built-in targets and the int8 kernels of their CPUs."""
     from edgec.cpu import target_cpu
     from edgec.targets import load_target, target_paths
 
     table = Table(title="targets")
-    for column in ("name", "isa", "cpu", "int8 kernels", "precisions", "backends", "description"):
-        table.add_column(column)
+    for column in ("name", "isa", "cpu", "int8 kernels"):  # what you type is never cut
+        table.add_column(column, no_wrap=True)
+    for column in ("precisions", "backends"):
+        table.add_column(column, overflow="fold")
+    described = []
     try:
         for name in target_paths():
             t = load_target(name)
             cpu = target_cpu(t)
             table.add_row(name, t.isa, cpu.model if t.cpu == "native" else t.cpu, cpu.int8_path,
-                          ",".join(t.precisions), ",".join(t.backends), t.description)
+                          ", ".join(t.precisions), ", ".join(t.backends))
+            described.append(f"{name}: {t.description}")
     except EdgecError as exc:
         _fail(exc)
     console.print(table)
+    for line in described:
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -13,6 +14,32 @@ from typing import Any, TypeVar
 from edgec.errors import ConfigError
 
 T = TypeVar("T")
+
+
+SHARED_DATA = "$EDGEC_DATA_DIR"
+
+
+def shared_data_dir() -> Path | None:
+    """The folder of shared real data (``$EDGEC_DATA_DIR`` or ``../shared/data``), if present."""
+    env = os.environ.get("EDGEC_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parent.parent
+    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((p.resolve() for p in candidates if p.is_dir()), None)
+
+
+def resolve_path(root: Path, text: str) -> Path:
+    """A path from a config file: relative to ``root``, or, when it starts with
+    ``$EDGEC_DATA_DIR/``, inside the shared data folder (``$EDGEC_DATA_DIR``, else
+    ``../shared/data`` beside the project)."""
+    if not text.startswith(SHARED_DATA + "/"):
+        return (root / text).resolve()
+    folder = shared_data_dir()
+    if folder is None:
+        raise ConfigError(f"{text!r} is in the shared data folder, but $EDGEC_DATA_DIR is not "
+                          f"set and ../shared/data does not exist; export EDGEC_DATA_DIR=/path/to/"
+                          f"the/folder")
+    return folder / text[len(SHARED_DATA) + 1:]
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -6,27 +6,17 @@ for fine-tuning and threshold choice) and evaluation splits must never share an 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgec.config import from_dict, load_toml
+from edgec.config import from_dict, load_toml, resolve_path
 from edgec.errors import ConfigError, DataError
 from edgec.model import InputSpec, import_factory
 from edgec.runner import runner
 
 AUGMENTS = ("none", "flip", "crop-flip", "crop-flip-shifted")
-
-
-def shared_data_dir() -> Path | None:
-    """The folder of shared real data (``$EDGEC_DATA_DIR`` or ``../shared/data``), if present."""
-    env = os.environ.get("EDGEC_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    repo = Path(__file__).resolve().parent.parent
-    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return next((p.resolve() for p in candidates if p.is_dir()), None)
 
 
 @dataclass(frozen=True)
@@ -122,7 +112,7 @@ def _check_disjoint(a: SplitSpec, b: SplitSpec, where: str) -> None:
 def load_split(spec: SplitSpec, root: Path) -> Dataset:
     """Load one split as uint8 NHWC images and int64 labels."""
     if spec.path:
-        path = (root / spec.path).resolve()
+        path = resolve_path(root, spec.path)
         images, labels = load_npz(path)
         origin = path.name
     else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgec.config import from_dict, load_toml
+from edgec.config import from_dict, load_toml, resolve_path, suggest
 from edgec.errors import ConfigError, ModelError
 
 
@@ -53,13 +53,15 @@ class ModelConfig:
     input: InputSpec
     factory: str = ""
     checkpoint: str = ""
+    # a whole pickled model (torch.save(model)) runs code when loaded: only on explicit trust
+    trust_checkpoint: bool = False
     file: str = ""
     data: str = ""
     num_classes: int = 10
     root: Path = field(default=Path("."), compare=False)
 
     def resolve(self, relative: str) -> Path:
-        return (self.root / relative).resolve()
+        return resolve_path(self.root, relative)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -93,7 +95,11 @@ def import_factory(ref: str, root: Path = Path(".")):
             raise ModelError(f"cannot import module {module_ref!r} of {ref!r}: {exc}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ModelError(f"{ref!r}: module has no callable {attr!r}; check the factory name")
+        callables = sorted(name for name, value in vars(module).items()
+                           if callable(value) and not name.startswith("_")
+                           and getattr(value, "__module__", None) == module.__name__)
+        raise ModelError(f"{ref!r}: module has no callable {attr!r}; "
+                         f"{suggest(attr, callables, 'its callables')}")
     return factory
 
 
@@ -114,29 +120,63 @@ def _import_file(path: Path, ref: str):
     return module
 
 
-def load_checkpoint(model, path: Path) -> None:
-    """Load a state dict safely (weights_only) into ``model``; strips DataParallel ``module.``."""
+def load_checkpoint(model, path: Path, trust: bool = False) -> None:
+    """Load a state dict safely (weights_only) into ``model``; strips DataParallel ``module.``.
+
+    ``trust``: also accept a whole pickled model (its state dict is used), which runs code."""
     import torch
 
     if not path.is_file():
         raise ModelError(f"checkpoint {str(path)!r} does not exist; check the path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"checkpoint {str(path)!r} cannot be read safely: {exc}") from exc
+    state = _read_checkpoint(path, trust)
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    problems = state_dict_mismatch(model.state_dict(), state)
+    if problems:
+        raise ModelError(f"checkpoint {str(path)!r} does not fit model {type(model).__name__}: "
+                         f"{problems}; is the factory right?")
+    model.load_state_dict(state, strict=True)
+
+
+def _read_checkpoint(path: Path, trust: bool):
+    import pickle
+    import warnings
+
+    import torch
+
+    if trust:
+        warnings.warn(f"loading {path} with weights_only=False (trust_checkpoint = true): "
+                      f"unpickling runs code from the file", stacklevel=3)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        summary = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in summary[1:4])
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
         raise ModelError(
-            f"checkpoint {str(path)!r} does not fit model {type(model).__name__}: {detail}"
-        ) from exc
+            f"checkpoint {str(path)!r} is a pickled object, not plain tensors (e.g. "
+            f"torch.save(model)); loading it would run code from the file. Save the weights "
+            f"instead: torch.save(model.state_dict(), {path.name!r}); or, if you trust the file, "
+            f"set trust_checkpoint = true in the model TOML") from exc
+    except Exception as exc:
+        raise ModelError(f"checkpoint {str(path)!r} cannot be read: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def state_dict_mismatch(expected: dict, found: dict) -> str:
+    """'n missing (first 3), n unexpected (first 3), n of another shape (first 3)', or ''."""
+    # BatchNorm fills a missing num_batches_tracked itself (checkpoints from older torch)
+    missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+                if k in found and hasattr(found[k], "shape")
+                and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                 ("of another shape (checkpoint vs model)", reshaped)) if keys]
+    return "; ".join(parts)
 
 
 def load_torch_model(config: ModelConfig):
@@ -155,7 +195,7 @@ def load_torch_model(config: ModelConfig):
         if not isinstance(model, torch.nn.Module):
             raise ModelError(f"factory {config.factory!r} returned {type(model).__name__}, not nn.Module")
         if config.checkpoint:
-            load_checkpoint(model, config.resolve(config.checkpoint))
+            load_checkpoint(model, config.resolve(config.checkpoint), config.trust_checkpoint)
         model.eval()
     check_input(model, config.input)
     return model

@@ -76,10 +76,17 @@ def size_line(manifest: dict[str, Any]) -> str:
     return f"size counts {', '.join(files)}" if len(files) > 1 else ""
 
 
+def skipped_lines(manifest: dict[str, Any]) -> list[str]:
+    """Parts of the artifact the backend could not build here, and what adds them."""
+    return [f"{key} not built: {value['skipped']}" for key, value in manifest["entry"].items()
+            if isinstance(value, dict) and "skipped" in value]
+
+
 def report_notes(manifest: dict[str, Any]) -> list[str]:
-    """The lines under the table: where, which int8 scheme and why, sizes, warnings."""
+    """The lines under the table: where, which int8 scheme and why, sizes, what was skipped,
+    warnings."""
     return [line for line in (where_line(manifest), int8_line(manifest), size_line(manifest),
-                              *manifest.get("warnings", ())) if line]
+                              *skipped_lines(manifest), *manifest.get("warnings", ())) if line]
 
 
 # ----- lineage ----------------------------------------------------------------------------

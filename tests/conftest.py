@@ -37,7 +37,7 @@ def host_saturates(manifest) -> bool:
 
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason it is missing."""
-    from edgec.data import shared_data_dir
+    from edgec.config import shared_data_dir
 
     folder = shared_data_dir()
     if folder is None:

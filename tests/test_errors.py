@@ -14,7 +14,7 @@ from edgec.model import import_factory, load_model_config, load_torch_model
 from edgec.pipeline import load_recipe
 from edgec.targets import load_target
 
-from .conftest import EXAMPLES, shared_file
+from .conftest import EXAMPLES, ROOT, shared_file
 
 RESNET_DIR = EXAMPLES / "resnet20_cifar10"
 
@@ -112,3 +112,53 @@ def test_cli_prints_one_error_line(tmp_path):
     assert result.exit_code == 2
     assert "ConfigError" in result.output and "missing.toml" in result.output
     assert "Traceback" not in result.output
+
+
+def test_checkpoint_mismatch_is_summarised(tmp_path):
+    checkpoint = shared_file("resnet56-4bfd9763.th")
+    path = resnet_toml(tmp_path, checkpoint=str(checkpoint))
+    with pytest.raises(ModelError) as info:
+        load_torch_model(load_model_config(path))
+    message = str(info.value)
+    assert "180 unexpected (layer1.3.conv1.weight, layer1.3.bn1.weight, layer1.3.bn1.bias, ...)" \
+        in message and "is the factory right?" in message and "missing" not in message
+    assert len(message.splitlines()) == 1
+
+
+def test_pickled_model_is_refused_with_the_safe_way_unless_trusted(tmp_path):
+    import resnet
+    import torch
+
+    torch.save(resnet.resnet20(), tmp_path / "whole.pt")
+    path = resnet_toml(tmp_path, checkpoint=str(tmp_path / "whole.pt"))
+    with pytest.raises(ModelError, match=r"pickled object.*state_dict\(\).*trust_checkpoint = true"):
+        load_torch_model(load_model_config(path))
+    trusted = path.read_text().replace("[input]", "trust_checkpoint = true\n[input]")
+    path.write_text(trusted)
+    with pytest.warns(UserWarning, match="runs code"):
+        model = load_torch_model(load_model_config(path))
+    assert sum(p.numel() for p in model.parameters()) > 200_000
+
+
+def test_factory_typo_suggests_the_modules_callables():
+    with pytest.raises(ModelError, match="no callable 'resnet2O'; did you mean 'resnet20'"):
+        import_factory("resnet.py:resnet2O", RESNET_DIR)
+
+
+def test_example_finds_the_shared_data_through_edgec_data_dir(tmp_path, monkeypatch):
+    from edgec.config import resolve_path
+    from edgec.data import load_data_config
+
+    folder = shared_file("cifar10_test.npz").parent
+    monkeypatch.setenv("EDGEC_DATA_DIR", str(folder))
+    config = load_model_config(ROOT / "examples" / "resnet20_cifar10" / "model.toml")
+    assert config.resolve(config.checkpoint) == folder / "resnet20-12fca82f.th"
+    assert load_data_config(config.resolve(config.data)).load("evaluation").images.shape[0] \
+        == 10000
+    monkeypatch.setenv("EDGEC_DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    import edgec.config
+
+    monkeypatch.setattr(edgec.config, "__file__", str(tmp_path / "edgec" / "config.py"))
+    with pytest.raises(ConfigError, match="export EDGEC_DATA_DIR"):
+        resolve_path(tmp_path, "$EDGEC_DATA_DIR/cifar10_test.npz")

@@ -149,3 +149,23 @@ def test_strip_qdq_keeps_the_int8_models_function(jetson_artifact, cifar_test, r
     run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
            for m in (quantized, stripped.SerializeToString())]
     assert (run[0].argmax(1) == run[1].argmax(1)).mean() >= 0.97
+
+
+def test_without_a_cross_compiler_the_rest_is_built_and_the_gap_named(tmp_path):
+    """TVM installed, no aarch64 linker: the ONNX/TensorRT part is built, the TVM CUDA module is
+    skipped with the command that adds it (as when TVM itself is missing)."""
+    from edgec.build import BuildRequest, build
+    from edgec.resources import builtin_dir
+
+    pytest.importorskip("tvm", reason="apache-tvm not installed: pip install 'edgec[tvm]'")
+    text = (builtin_dir("targets") / "jetson-orin-nano.toml").read_text()
+    target = tmp_path / "jetson-nolinker.toml"
+    target.write_text(text.replace('cross_compiler = "aarch64-linux-gnu-g++"',
+                                   'cross_compiler = "no-such-aarch64-g++"'))
+    result = build(BuildRequest(model=ROOT / "examples" / "digits" / "model.toml",
+                                target=str(target), out=tmp_path / "out", profile=False))
+    entry = result.manifest["entry"]
+    assert "no-such-aarch64-g++" in entry["tvm_cuda"]["skipped"]
+    assert "apt-get install g++-aarch64-linux-gnu" in entry["tvm_cuda"]["skipped"]
+    assert {"model.int8.onnx", "model.fp16.onnx"} <= set(entry["files"])
+    assert "tvm_cuda not built: cross compiler" in (result.directory / "report.md").read_text()

@@ -7,6 +7,8 @@ top-1 within 1 point of the float model on 2,000 test images.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact, read_manifest, sha256_file
-from edgec.build import BuildRequest, build, write_artifact
+from edgec.build import write_artifact
 from edgec.config import from_dict
 from edgec.data import preprocess
 from edgec.errors import ConfigError, MissingExtraError
@@ -106,14 +108,19 @@ def test_executorch_int8_pt2e_within_one_point(resnet20, resnet20_config, androi
 
 
 def test_build_android_digits_records_backend_versions_files(tmp_path):
-    """``edgec build --target android-arm64`` end to end (the self-contained digits example)."""
-    result = build(BuildRequest(model=ROOT / "examples/digits/model.toml", target="android-arm64",
-                                out=tmp_path, profile=False))
-    manifest = read_manifest(result.directory)
+    """``edgec build --target android-arm64`` end to end (the self-contained digits example),
+    as a user runs it: no log lines of ONNX Runtime's converter on the terminal."""
+    done = subprocess.run([sys.executable, "-m", "edgec.cli", "build",
+                           str(ROOT / "examples/digits/model.toml"), "--target", "android-arm64",
+                           "--no-profile", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[INFO]" not in done.stderr + done.stdout
+    [directory] = (tmp_path / "android-arm64").iterdir()
+    manifest = read_manifest(directory)
     assert manifest["entry"]["backend"] == "ort-mobile"
     assert {"onnxruntime", "edgec", "torch"} <= set(manifest["versions"])
     for name, digest in manifest["files"].items():
-        assert sha256_file(result.directory / name) == digest
+        assert sha256_file(directory / name) == digest
     assert manifest["accuracy"]["total"] == 500 and manifest["accuracy"]["top1"] > 0.9
 
 

@@ -186,6 +186,10 @@ def compile_tvm_cuda(artifact: Artifact, target, out_dir: Path) -> dict[str, Any
         import tvm  # noqa: F401
     except ImportError:
         return {"skipped": "apache-tvm is not installed (pip install 'edgec[tvm]')"}
+    cc = target.cross_compiler
+    if cc and not target.runs_on_host and shutil.which(cc) is None:
+        return {"skipped": f"cross compiler {cc!r} is not installed (on Debian: apt-get install "
+                           f"g++-aarch64-linux-gnu)"}
     source = artifact.payload
     if _is_int8(artifact):
         source = out_dir / ".float.onnx"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
 import tempfile
 import warnings
@@ -51,6 +52,9 @@ class OrtMobileBackend:
             OptimizationStyle,
             convert_onnx_models_to_ort,
         )
+
+        # its module logger is set to DEBUG with a handler on the root logger: keep it quiet
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
 
         with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
             source = Path(tmp) / "model.onnx"
