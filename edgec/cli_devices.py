@@ -1,4 +1,7 @@
-"""``edgec devices add|list|check|remove`` and ``edgec profile ARTIFACT --device NAME``."""
+"""``edgec devices add|list|check|remove`` and ``edgec profile ARTIFACT --device NAME``.
+
+Results go to stdout; errors, problems and warnings to stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgec.errors import EdgecError
@@ -13,6 +17,7 @@ from edgec.errors import EdgecError
 devices_app = typer.Typer(no_args_is_help=True,
                           help="The board inventory: devices/*.toml (never a secret inside).")
 console = Console()
+errors = Console(stderr=True)
 DIR_OPTION = typer.Option(None, "--devices-dir", envvar="EDGEC_DEVICES_DIR",
                           help="inventory folder (default: ./devices)")
 ACCEPT_OPTION = typer.Option(False, "--accept-new-host-key",
@@ -20,9 +25,13 @@ ACCEPT_OPTION = typer.Option(False, "--accept-new-host-key",
 
 
 def _fail(exc: EdgecError) -> None:
-    from edgec.cli import _fail as fail
+    _error(exc)
+    raise typer.Exit(2)
 
-    fail(exc)
+
+def _error(exc: EdgecError) -> None:
+    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
+                 soft_wrap=True)
 
 
 @devices_app.command("add")
@@ -32,8 +41,9 @@ def add(
     target: str = typer.Option(..., help="target the board runs (see `edgec targets`)"),
     port: int = typer.Option(22),
     user: str = typer.Option("", help="login user (default: your user name)"),
-    key: Path = typer.Option(None, help="private key *path* (default: the SSH agent)"),
-    known_hosts: Path = typer.Option(Path("~/.ssh/known_hosts"), help="known_hosts file"),
+    key: str = typer.Option("", help="private key *path* (default: the SSH agent)"),
+    known_hosts: str = typer.Option("~/.ssh/known_hosts", help="known_hosts file (a relative "
+                                    "path is relative to the current directory)"),
     workdir: str = typer.Option(".cache/edgec", help="cache folder on the board"),
     python: str = typer.Option("python3", help="Python on the board with numpy + runtime"),
     tag: list[str] = typer.Option([], help="free-form tag (repeatable)"),
@@ -47,13 +57,27 @@ def add(
     try:
         load_target(target)
         config = _config(DeviceConfig, name=name, target=target, host=host, port=port, user=user,
-                         key=str(key.expanduser().resolve()) if key else "",
-                         known_hosts=str(known_hosts.expanduser()), workdir=workdir,
-                         python=python, tags=tuple(tag))
+                         key=_local_path("key", key), workdir=workdir, python=python,
+                         known_hosts=_local_path("known_hosts", known_hosts), tags=tuple(tag))
         path = save_device(config, devices_dir, overwrite=force)
     except EdgecError as exc:
         _fail(exc)
     console.print(f"added {name} → {path}; check it with `edgec devices check {name}`")
+
+
+def _local_path(label: str, value: str) -> str:
+    """A path given on the command line, absolute against the current directory (a ``~`` path
+    stays as written); key material pasted instead of a path is refused before anything else."""
+    from edgec.devices.inventory import check_local_path
+    from edgec.errors import ConfigError
+
+    try:
+        check_local_path(label, value)
+    except ValueError as exc:
+        raise ConfigError(f"--{label.replace('_', '-')}: {exc}") from exc
+    if not value or value.startswith("~"):
+        return value
+    return str(Path(value).resolve())
 
 
 def _config(cls, **values):
@@ -67,26 +91,27 @@ def _config(cls, **values):
 
 @devices_app.command("list")
 def list_devices(devices_dir: Path = DIR_OPTION):
-    """List the boards of the inventory."""
-    from edgec.devices.inventory import device_paths, parse_device
+    """List the boards of the inventory; a bad device file is reported and the others listed."""
+    from edgec.devices.inventory import load_inventory
 
+    good, bad = load_inventory(devices_dir)
     table = Table(title="devices")
     for column in ("name", "target", "login", "workdir", "tags"):
         table.add_column(column)
-    try:
-        for path in device_paths(devices_dir).values():
-            d = parse_device(path)
-            table.add_row(d.name, d.target, d.login, d.workdir, ",".join(d.tags))
-    except EdgecError as exc:
-        _fail(exc)
+    for d in good:
+        table.add_row(d.name, d.target, d.login, d.workdir, ",".join(d.tags))
     console.print(table)
+    for exc in bad:
+        _error(exc)
+    if bad:
+        raise typer.Exit(1)
 
 
 @devices_app.command("check")
 def check(name: str, accept_new_host_key: bool = ACCEPT_OPTION, devices_dir: Path = DIR_OPTION):
     """Connect; report arch, OS, Python, runtimes, governor, temperature, disk, memory, match."""
     from edgec.devices.inventory import load_device
-    from edgec.devices.probe import target_mismatches
+    from edgec.devices.probe import readiness_problems, target_mismatches
     from edgec.devices.ssh import SSHDevice
     from edgec.targets import load_target
 
@@ -94,7 +119,7 @@ def check(name: str, accept_new_host_key: bool = ACCEPT_OPTION, devices_dir: Pat
         config = load_device(name, devices_dir)
         target = load_target(config.target)
         with SSHDevice(config, accept_new_host_key=accept_new_host_key) as device:
-            facts = device.facts()
+            facts = device.facts(target.requirements)
     except EdgecError as exc:
         _fail(exc)
     table = Table(title=f"{name} ({config.login})")
@@ -104,9 +129,14 @@ def check(name: str, accept_new_host_key: bool = ACCEPT_OPTION, devices_dir: Pat
         shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
         table.add_row(key, "-" if shown in ("", None) else str(shown))
     console.print(table)
-    problems = target_mismatches(target, facts)
-    if problems:
-        console.print(f"[bold red]does not match target {target.name}:[/] " + "; ".join(problems))
+    mismatches = target_mismatches(target, facts, config.python)
+    unready = readiness_problems(facts, config.workdir)
+    for heading, problems in ((f"does not match target {target.name}", mismatches),
+                              ("not ready", unready)):
+        for problem in problems:
+            errors.print(f"[bold red]{heading}:[/] {escape(problem)}", highlight=False,
+                         soft_wrap=True)
+    if mismatches or unready:
         raise typer.Exit(1)
     console.print(f"matches target {target.name}")
     _cpu_note(target, facts.get("cpu"))
@@ -171,5 +201,5 @@ def profile(
                   str(len(m.samples_ms)), f"{m.peak_rss_mb:.1f}")
     console.print(table)
     for warning in m.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"recorded in {path}")

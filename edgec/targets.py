@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,58 @@ from edgec.errors import ConfigError
 from edgec.resources import builtin_dir
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+VERSION_CLAUSE = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*")
+MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def version_satisfies(version: str, spec: str) -> bool:
+    """Whether ``version`` (``3.11.2``) meets ``spec`` (``>=3.9`` or ``>=3.9,<3.13``)."""
+    have = _version(version)
+    for clause in filter(None, spec.split(",")):
+        op, want = VERSION_CLAUSE.fullmatch(clause).groups()
+        width = len(_version(want))
+        left, right = have[:width], _version(want)
+        ok = {">=": left >= right, "<=": left <= right, "==": left == right,
+              "!=": left != right, ">": left > right, "<": left < right}[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a board needs to run this target's artifacts, checked by `edgec devices check`."""
+
+    python: str = ""  # version specifier of the board's Python (">=3.9"); empty: no Python runner
+    modules: tuple[str, ...] = ()  # importable by that Python; "onnxruntime|tvm": either one
+    commands: tuple[str, ...] = ()  # executables that must exist (absolute path or on PATH)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> Requirements:
+        """From the ``runtime_requires`` table; ValueError names the bad entry."""
+        unknown = sorted(set(raw) - {"python", "modules", "commands"})
+        if unknown:
+            raise ValueError(f"key 'runtime_requires': unknown entries {unknown}; use python, "
+                             f"modules, commands")
+        python = raw.get("python", "")
+        if not isinstance(python, str) or python and not all(
+                VERSION_CLAUSE.fullmatch(c) for c in python.split(",")):
+            raise ValueError(f"key 'runtime_requires': python {python!r} is not a version "
+                             f"specifier like '>=3.9' or '>=3.9,<3.13'")
+        lists = {key: raw.get(key, []) for key in ("modules", "commands")}
+        for key, items in lists.items():
+            if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+                raise ValueError(f"key 'runtime_requires': {key} must be a list of names, got "
+                                 f"{items!r}")
+        bad = [m for m in lists["modules"] for alt in m.split("|") if not MODULE_RE.fullmatch(alt)]
+        if bad:
+            raise ValueError(f"key 'runtime_requires': modules {bad} are not module names "
+                             f"(alternatives are separated by '|')")
+        return cls(python, tuple(lists["modules"]), tuple(lists["commands"]))
 
 
 @dataclass(frozen=True)
@@ -29,7 +83,8 @@ class Target:
     precisions: tuple[str, ...]
     peak_gmacs: dict[str, float]
     backends: tuple[str, ...]
-    runtime_requires: tuple[str, ...] = ()
+    # {python = ">=3.9", modules = ["numpy", "onnxruntime|tvm"], commands = [...]}: see Requirements
+    runtime_requires: dict[str, Any] = field(default_factory=dict)
     # /proc/cpuinfo flags that pick the int8 kernels (edgec.cpu); ignored for cpu = "native"
     cpu_features: tuple[str, ...] = ()
     tvm_target: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +112,12 @@ class Target:
                              f"{self.peak_gmacs}")
         if self.tvm_target and "kind" not in self.tvm_target:
             raise ValueError("key 'tvm_target': needs a 'kind' (e.g. llvm, cuda)")
+        Requirements.parse(self.runtime_requires)
+
+    @property
+    def requirements(self) -> Requirements:
+        """``runtime_requires`` as data: the board's Python version, modules and commands."""
+        return Requirements.parse(self.runtime_requires)
 
     @property
     def runs_on_host(self) -> bool:
@@ -79,7 +140,10 @@ def load_target(name_or_path: str) -> Target:
     if path.suffix != ".toml":
         known = target_paths()
         if name_or_path not in known:
-            raise ConfigError(f"unknown target {name_or_path!r}; known targets: {', '.join(known)}")
+            close = difflib.get_close_matches(name_or_path, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown target {name_or_path!r}; {hint}known targets: "
+                              f"{', '.join(known)}")
         path = known[name_or_path]
     raw = _with_parent(path, load_toml(path))
     return from_dict(Target, {"name": path.stem, **raw}, str(path))

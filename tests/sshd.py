@@ -6,6 +6,7 @@ Never targets anything but 127.0.0.1 or an address inside a namespace this modul
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from edgec.measure import MeasureSpec
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+REPO = Path(__file__).resolve().parent.parent  # `python -m edgec.cli` from here runs this tree
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 
 
@@ -73,6 +75,9 @@ class SSHServer:
         (self.root / "authorized_keys").write_text(Path(f"{self.client_key}.pub").read_text())
         self.known_hosts = self.root / "known_hosts"
         self.write_known_hosts(Path(f"{self.host_key}.pub"))
+        # this board's lock file as the board sees it (its own, so tests never wait for other
+        # work on this machine; the CLI test uses the default /tmp/edgec-board.lock)
+        self.lock_path = str(self.root / "board.lock")
         self.config = self.root / "sshd_config"
         self.config.write_text("\n".join([
             f"Port {self.port}", f"ListenAddress {host}", f"HostKey {self.host_key}",
@@ -193,12 +198,79 @@ def artifact_variant(source: Path, dest: Path, prelude: str) -> Path:
 QUICK = MeasureSpec(warmup=5, repeat=30, min_time_s=0.1)  # a short protocol for tests
 
 
+def flock_holders(path: str | Path) -> set[int]:
+    """Pids holding a flock on ``path`` (read from /proc/locks; observing never takes it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return set()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where:
+            holders.add(int(parts[4]))
+    return holders
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def lock_holder(lock_path: str, idle_s: float, runner: list[str] | None = None) -> subprocess.Popen:
+    """The board-side lock holder of a client that is not there (on the loopback board, a
+    process of this machine), running ``runner`` if given. Its stdin stays open and silent, as
+    when the client's host died. Returns once it holds the lock."""
+    from edgec.devices.lock import ONBOARD_SOURCE
+
+    holder = subprocess.Popen([sys.executable, "-c", ONBOARD_SOURCE, "hold", lock_path,
+                               str(idle_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    line = holder.stdout.readline()
+    if not line.startswith("acquired"):
+        holder.kill()
+        raise RuntimeError(f"the test's lock holder did not get the lock: {line!r}")
+    if runner:
+        holder.stdin.write(f"run {json.dumps({'argv': runner, 'env': {}, 'state': 'true'})}\n")
+        holder.stdin.flush()
+    return holder
+
+
+def fake_runner(folder: Path, seconds: float = 60) -> list[str]:
+    """The command line of a process that looks like an edgec runner (``python .../runner.py
+    measure``): it writes its pid to ``folder/pid`` and sleeps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runner.py").write_text(
+        f"import os, pathlib, time\npathlib.Path({str(folder / 'pid')!r}).write_text("
+        f"str(os.getpid()))\ntime.sleep({seconds})\n")
+    return [sys.executable, str(folder / "runner.py"), "measure"]
+
+
+def wait_for_pid(folder: Path, timeout_s: float = 30) -> int:
+    """The pid a fake runner wrote to ``folder/pid``."""
+    deadline = time.monotonic() + timeout_s
+    while not (folder / "pid").exists() or not (folder / "pid").read_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no fake runner started in {folder}")
+        time.sleep(0.05)
+    return int((folder / "pid").read_text())
+
+
+def cpu_hog() -> subprocess.Popen:
+    """A process that keeps one CPU busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
 def board_config(server: SSHServer, workdir: Path, name: str = "loopback", **overrides):
     """A device file's worth of settings for a test sshd; the board's Python is ours."""
     from edgec.devices.inventory import DeviceConfig
 
     values = dict(name=name, target="local", host=server.host, port=server.port, user="root",
                   key=str(server.client_key), known_hosts=str(server.known_hosts),
-                  workdir=str(workdir), python=sys.executable, connect_timeout_s=5.0,
-                  command_timeout_s=120.0, retries=1, retry_backoff_s=0.1)
+                  workdir=str(workdir), lock_path=server.lock_path, python=sys.executable,
+                  connect_timeout_s=5.0, command_timeout_s=120.0, retries=1, retry_backoff_s=0.1)
     return DeviceConfig(**{**values, **overrides})

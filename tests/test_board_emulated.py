@@ -56,6 +56,7 @@ class ChrootSSHServer(sshd.SSHServer):
         self.arm64_root, self.inside = arm64_root, f"/tmp/{name}"
         super().__init__(arm64_root / "tmp" / name, host=host, netns=netns)
         self.config.write_text(self.config.read_text().replace(str(self.root), self.inside))
+        self.lock_path = f"{self.inside}/board.lock"  # as the board (chrooted) sees it
 
     def start(self) -> ChrootSSHServer:
         (self.arm64_root / "run" / "sshd").mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,25 @@ def test_emulated_rpi4_profiles_and_evaluates_over_ssh(emulated_board, rpi4_arti
     if not host_saturates(read_manifest(rpi4_artifact)):
         assert on_board["predictions_sha256"] == here["predictions_sha256"], (on_board, here)
     assert device.uploads == 2  # the artifact and the images, once each
+
+
+def test_devices_check_says_the_emulated_rpi4_matches(emulated_board, tmp_path):
+    """`edgec devices check` on the aarch64 board with target rpi4: its requirements (Python
+    >= 3.9, numpy, onnxruntime or tvm) are checked as data against what the probe found."""
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+    from edgec.devices.inventory import save_device
+
+    save_device(sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                                  name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                                  connect_timeout_s=60.0), tmp_path / "devices")
+    checked = CliRunner().invoke(app, ["devices", "check", "emulated-rpi4", "--devices-dir",
+                                       str(tmp_path / "devices")])
+    print(f"\n{checked.output}")
+    assert checked.exit_code == 0, checked.output
+    assert "matches target rpi4" in checked.stdout and "aarch64" in checked.stdout
+    assert not checked.stderr.strip()
 
 
 def test_build_for_rpi4_evaluates_on_the_emulated_board(emulated_board, tmp_path, monkeypatch,

@@ -1,10 +1,15 @@
-"""SSHDevice against a real OpenSSH server on 127.0.0.1: profile, cache, lock, CLI, secrets."""
+"""SSHDevice against a real OpenSSH server on 127.0.0.1: profile, cache, lock, CLI, secrets.
+
+The loopback board is this machine, so a test sees the board's processes and lock directly.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -16,7 +21,6 @@ from typer.testing import CliRunner
 
 from edgec.devices import LocalDevice
 from edgec.devices.inventory import save_device
-from edgec.devices.lock import client_host
 from edgec.devices.ssh import SSHDevice
 from edgec.errors import DeviceBusy
 from edgec.measure import MeasureSpec
@@ -42,7 +46,8 @@ def test_profile_over_ssh_uploads_once_and_reports_board_state(ssh_server, digit
     cached = tmp_path / "board" / "artifacts" / manifest["hash"]
     assert sorted(p.name for p in cached.iterdir()) == ["manifest.json", "model.onnx", "runner.py"]
     assert not list((tmp_path / "board" / "artifacts").glob(".tmp-*"))
-    assert not (tmp_path / "board" / "board.lock").is_symlink()  # released
+    assert not sshd.flock_holders(ssh_server.lock_path)  # released
+    assert isinstance(second.extra["disturbed_by"], list)  # the board's processes were read
 
 
 @pytest.mark.slow
@@ -107,27 +112,170 @@ def test_concurrent_profiles_of_one_board_are_serialised(ssh_server, digits_int8
     assert float(events[1][1]) <= float(events[2][1])  # the second began after the first ended
 
 
-def test_stale_lock_of_a_dead_holder_is_broken(ssh_server, digits_int8_artifact, tmp_path,
-                                               caplog):
-    workdir = tmp_path / "board"
-    workdir.mkdir()
-    dead = 4_000_000  # above pid_max: no such process
-    os.symlink(f"{client_host()}:{dead}:{int(time.time())}:abcdef", workdir /
-               "board.lock")
-    with SSHDevice(board(ssh_server, workdir)) as device:
-        assert len(device.measure(digits_int8_artifact, QUICK).samples_ms) >= 30
-    assert any("stale lock" in r.getMessage() for r in caplog.records)
+def _timed_variant(artifact: Path, tmp_path: Path, windows: Path) -> Path:
+    """The artifact, with a runner that appends ``start|end TIME PID`` to ``windows``."""
+    return sshd.artifact_variant(artifact, tmp_path / f"timed-{windows.stem}", (
+        "import os, time\n"
+        f"with open({str(windows)!r}, 'a') as f: f.write(f'start {{time.time()}} {{os.getpid()}}\\n')\n"
+        "import atexit\n"
+        f"atexit.register(lambda: open({str(windows)!r}, 'a').write("
+        f"f'end {{time.time()}} {{os.getpid()}}\\n'))"))
 
 
-def test_live_lock_of_another_host_makes_us_wait_then_fail(ssh_server, digits_int8_artifact,
-                                                           tmp_path):
-    workdir = tmp_path / "board"
-    workdir.mkdir()
-    os.symlink(f"other-host:1234:{int(time.time())}:abcdef", workdir / "board.lock")
-    with (SSHDevice(board(ssh_server, workdir, lock_wait_s=1.0)) as device,
-          pytest.raises(DeviceBusy, match="board loopback is busy.*other-host")):
-        device.measure(digits_int8_artifact, QUICK)
-    assert os.readlink(workdir / "board.lock").startswith("other-host:")  # not ours to break
+def _runs(windows: Path) -> list[tuple[float, float]]:
+    """(start, end) of each runner, by pid, in start order."""
+    times: dict[str, dict[str, float]] = {}
+    for kind, when, pid in (line.split() for line in windows.read_text().splitlines()):
+        times.setdefault(pid, {})[kind] = float(when)
+    return sorted((t["start"], t["end"]) for t in times.values())
+
+
+def test_two_entries_of_one_board_never_run_two_runners_at_once(ssh_server, digits_int8_artifact,
+                                                                 tmp_path):
+    """Two device files for the same host:port with different workdirs (as two users with their
+    own ~/.cache/edgec would have), started together: one lock per board serialises them."""
+    windows = tmp_path / "windows.txt"
+    timed = _timed_variant(digits_int8_artifact, tmp_path, windows)
+    spec = MeasureSpec(warmup=5, repeat=30, min_time_s=0.8)
+    configs = [board(ssh_server, tmp_path / f"cache-{n}", name=f"entry-{n}") for n in (1, 2)]
+    errors, results = [], []
+
+    def profile(config):
+        try:
+            with SSHDevice(config) as device:
+                results.append(device.measure(timed, spec))
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=profile, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 2
+    (first_start, first_end), (second_start, second_end) = _runs(windows)
+    assert first_end <= second_start, _runs(windows)  # never two runners at once
+    assert (tmp_path / "cache-1" / "artifacts").is_dir() and (tmp_path / "cache-2" / "artifacts").is_dir()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_ctrl_c_mid_profile_stops_the_runner_before_the_lock_is_freed(ssh_server,
+                                                                       digits_int8_artifact,
+                                                                       tmp_path, sig):
+    """SIGINT (or SIGKILL: then only the connection's end tells the board) to `edgec profile`
+    while the board runs a long measurement: the runner is gone from the board's process list
+    before the board lock is free (watched all along). The runner takes 1 s to stop, as one busy
+    in native code would, so a lock freed too early shows."""
+    marker = tmp_path / "runner.pid"
+    slow = sshd.artifact_variant(digits_int8_artifact, tmp_path / "slow", (
+        "import os, pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(143)))\n"
+        f"pathlib.Path({str(marker)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(60)"))
+    save_device(board(ssh_server, tmp_path / "board"), tmp_path / "devices")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "edgec.cli", "profile", str(slow), "--device", "loopback",
+         "--profiles", str(tmp_path / "profiles"), "--devices-dir", str(tmp_path / "devices")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=sshd.REPO)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and client.poll() is None:
+        time.sleep(0.05)
+    runner = int(marker.read_text())
+    assert sshd.pid_alive(runner) and sshd.flock_holders(ssh_server.lock_path)
+    overlaps = []
+
+    def watch():  # the lock free while the runner still runs would be the defect
+        deadline = time.monotonic() + 30
+        while sshd.flock_holders(ssh_server.lock_path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if sshd.pid_alive(runner):
+            overlaps.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    client.send_signal(sig)
+    _, err = client.communicate(timeout=30)
+    watcher.join(timeout=30)
+    assert client.returncode != 0
+    assert not overlaps
+    assert not sshd.pid_alive(runner)
+    assert not _processes_running(slow.name), "a runner of the interrupted profile is left"
+    assert not sshd.flock_holders(ssh_server.lock_path)
+    assert "Traceback" not in err and not (tmp_path / "profiles").exists()
+
+
+def _processes_running(text: str) -> list[int]:
+    """Pids of this machine's (the loopback board's) processes whose command line has ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_lock_of_a_dead_client_is_freed_by_its_holder_and_we_say_what_we_wait_for(
+        ssh_server, digits_int8_artifact, tmp_path, caplog):
+    """A client host died while its runner ran on the board: the holder there hears no
+    heartbeat, stops that runner and frees the lock; meanwhile we say what we wait for and how
+    long."""
+    holder = sshd.lock_holder(ssh_server.lock_path, idle_s=2.0,
+                              runner=sshd.fake_runner(tmp_path / "left-behind"))
+    left = sshd.wait_for_pid(tmp_path / "left-behind")
+    try:
+        with SSHDevice(board(ssh_server, tmp_path / "board", lock_wait_s=20)) as device:
+            measurement = device.measure(digits_int8_artifact, QUICK)
+        assert holder.wait(timeout=5) == 0
+    finally:
+        holder.kill()
+    assert not sshd.pid_alive(left)  # the runner it left was stopped
+    assert len(measurement.samples_ms) >= 30
+    [waiting] = [r.getMessage() for r in caplog.records if "waiting for its lock" in r.getMessage()]
+    # (other edgec runners of this shared machine may be listed too)
+    assert re.search(rf"held by pid {holder.pid} \(user root\) for \d+ s; .*edgec runner pid "
+                     rf"{left} running for \d+ s.*; waited \d+ s of 20 s", waiting), waiting
+
+
+def test_busy_board_makes_us_wait_then_fail_saying_who_holds_it(ssh_server, digits_int8_artifact,
+                                                               tmp_path):
+    holder = sshd.lock_holder(ssh_server.lock_path, idle_s=120)
+    try:
+        with (SSHDevice(board(ssh_server, tmp_path / "board", lock_wait_s=1.0)) as device,
+              pytest.raises(DeviceBusy, match=rf"board loopback is busy: its lock .* is held by pid "
+                                              rf"{holder.pid} \(user root\) for \d+ s; .*waited "
+                                              rf"1 s \(lock_wait_s\)")):
+            device.measure(digits_int8_artifact, QUICK)
+        assert sshd.flock_holders(ssh_server.lock_path) == {holder.pid}  # not ours to break
+    finally:
+        holder.stdin.close()  # its client goes: it frees the lock
+        holder.wait(timeout=10)
+    assert not sshd.flock_holders(ssh_server.lock_path)
+
+
+def test_other_work_on_the_board_marks_the_measurement_disturbed(ssh_server, digits_int8_artifact,
+                                                                 tmp_path):
+    hog, other_runner = sshd.cpu_hog(), subprocess.Popen(sshd.fake_runner(tmp_path / "other"))
+    try:
+        with SSHDevice(board(ssh_server, tmp_path / "board")) as device:
+            measurement = device.measure(digits_int8_artifact, QUICK)
+    finally:
+        hog.kill()
+        other_runner.kill()
+    [warning] = [w for w in measurement.warnings if w.startswith("measurement disturbed")]
+    assert f"pid {hog.pid} (python" in warning and "% CPU" in warning
+    assert f"edgec runner pid {other_runner.pid}" in warning
+    assert any(f"pid {hog.pid} " in d for d in measurement.extra["disturbed_by"])
+    assert "while True" not in warning  # names and pids only, never command lines
+
+
+def test_artifact_for_another_target_than_the_boards_is_flagged(ssh_server, digits_int8_artifact,
+                                                                tmp_path):
+    with SSHDevice(board(ssh_server, tmp_path / "board", target="rpi4")) as device:
+        measurement = device.measure(digits_int8_artifact, QUICK)
+    assert any("artifact built for target 'local', but board loopback is target 'rpi4'" in w
+               for w in measurement.warnings)
 
 
 def test_cli_devices_and_profile_record_without_secrets(ssh_server, digits_int8_artifact,

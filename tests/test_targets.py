@@ -90,3 +90,39 @@ def test_extends_is_one_level_only(tmp_path):
 def test_unknown_target_lists_the_known_ones():
     with pytest.raises(ConfigError, match="rpi4"):
         load_target("raspberry-pi-4")
+    with pytest.raises(ConfigError, match=r"unknown target 'rpi9'; did you mean 'rpi\d'"):
+        load_target("rpi9")
+
+
+def test_runtime_requirements_are_data():
+    from edgec.targets import Requirements
+
+    assert load_target("rpi4").requirements == Requirements(">=3.9", ("numpy", "onnxruntime|tvm"))
+    assert load_target("rpi5").requirements == load_target("rpi4").requirements  # inherited
+    assert load_target("jetson-orin-nano").requirements.commands == (
+        "/usr/src/tensorrt/bin/trtexec",)
+    assert load_target("android-arm64").requirements == Requirements()  # no Python runner
+
+
+@pytest.mark.parametrize("version, spec, ok", [
+    ("3.11.2", ">=3.9", True), ("3.9.0", ">=3.9", True), ("3.8.18", ">=3.9", False),
+    ("3.12.1", ">=3.9,<3.12", False), ("3.10", "==3.10", True), ("3.10.4", "!=3.10", False),
+])
+def test_python_version_specifiers(version, spec, ok):
+    from edgec.targets import version_satisfies
+
+    assert version_satisfies(version, spec) is ok
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('runtime_requires = { python = ">=3.9", ', 'runtime_requires = { python = "3.9+", ',
+     "python '3.9\\+' is not a version specifier"),
+    ('modules = ["numpy", "onnxruntime|tvm"] }', 'modules = ["numpy", "onnxruntime or tvm"] }',
+     "are not module names"),
+    ('modules = ["numpy", "onnxruntime|tvm"] }', 'modules = ["numpy"], packages = ["x"] }',
+     "unknown entries \\['packages'\\]"),
+])
+def test_bad_runtime_requirements_name_the_file_and_key(tmp_path, old, new, message):
+    path = _copy_target(tmp_path, "rpi4", lambda t: t.replace(old, new))
+    with pytest.raises(ConfigError, match=rf"rpi4\.toml.*'runtime_requires'.*{message}"):
+        load_target(path)

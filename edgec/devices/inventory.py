@@ -14,10 +14,17 @@ from pathlib import Path
 
 from edgec.config import from_dict, load_toml
 from edgec.errors import ConfigError
+from edgec.targets import load_target
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 RESERVED = ("local",)
+EXAMPLE = "example"  # devices/example.toml: the documented template, never a board
 SECRET_KEYS = ("password", "passphrase", "private_key", "key_data", "secret", "token")
+# a pasted line of key material: long base64, or the base64 of "openssh-key-v1"
+KEY_MATERIAL = re.compile(r"^(?!/)[A-Za-z0-9+/]{60,}={0,2}$|b3BlbnNzaC1rZXktdjE")
+PUBLIC_KEY_TEXT = re.compile(r"^(ssh-|ecdsa-|sk-)\S+\s+AAAA")
+DEFAULT_LOCK = "/tmp/edgec-board.lock"
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,9 @@ class DeviceConfig:
     key: str = ""  # path to the private key; empty: the SSH agent
     known_hosts: str = "~/.ssh/known_hosts"
     workdir: str = ".cache/edgec"  # on the board; relative to the login's home = per-user cache
+    # the board lock (flock), shared by every user and device entry of the board: keep the default
+    # unless the board's users do not share /tmp
+    lock_path: str = DEFAULT_LOCK
     python: str = "python3"  # interpreter on the board that has numpy and the runtime
     tags: tuple[str, ...] = ()
     connect_timeout_s: float = 10.0
@@ -47,11 +57,13 @@ class DeviceConfig:
             raise ValueError(f"host {self.host!r} is not a host name or address")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port {self.port} must be in 1..65535")
-        for label, value in (("key", self.key), ("known_hosts", self.known_hosts)):
-            if "PRIVATE KEY" in value or "\n" in value:
-                raise ValueError(f"{label} must be a file path, not key material; "
-                                 f"edgec never stores secrets")
+        if self.user and not USER_RE.match(self.user):
+            raise ValueError(f"user {self.user!r} is not a login name (letters, digits, '_', '.', "
+                             f"'-'; not starting with '-'); fix `user`")
+        check_local_path("key", self.key)
+        check_local_path("known_hosts", self.known_hosts)
         check_remote_dir(self.workdir)
+        check_lock_path(self.lock_path)
         if self.connect_timeout_s <= 0 or self.command_timeout_s <= 0 or self.lock_wait_s < 0:
             raise ValueError("timeouts must be positive")
         if self.retries < 0 or self.retry_backoff_s < 0 or self.keepalive_s < 0:
@@ -81,11 +93,35 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_local_path(label: str, value: str) -> str:
+    """A path on this machine (``key``, ``known_hosts``), never pasted key material."""
+    if ("PRIVATE KEY" in value or "\n" in value or "\r" in value or KEY_MATERIAL.search(value)
+            or PUBLIC_KEY_TEXT.match(value)):
+        raise ValueError(f"{label} must be a file path, not key material (edgec never stores "
+                         f"secrets); give the path of the key file, e.g. ~/.ssh/id_ed25519")
+    return value
+
+
 def check_remote_dir(path: str) -> str:
-    """A board directory: no '..', no control characters, no option-looking start."""
-    parts = path.replace("~/", "", 1).split("/")
-    if not path or ".." in parts or path.startswith("-") or any(ord(c) < 32 for c in path):
-        raise ValueError(f"workdir {path!r} must be a plain directory path without '..'")
+    """A board directory below the login's home or the root, never '/' itself: no '..', no part
+    that starts with '-' or '~' (after a leading '~/'), no control characters."""
+    if path in ("~", "~/"):
+        return path
+    parts = [p for p in (path[2:] if path.startswith("~/") else path).split("/") if p]
+    if (not parts or ".." in parts or any(p.startswith(("-", "~")) for p in parts)
+            or any(ord(c) < 32 for c in path)):
+        raise ValueError(f"workdir {path!r} must be a plain directory path (not '/', no '..', no "
+                         f"part starting with '-' or '~'), e.g. '.cache/edgec'")
+    return path
+
+
+def check_lock_path(path: str) -> str:
+    """The board lock file: an absolute path of a file, no '..', no control characters."""
+    parts = path.split("/")
+    if (not path.startswith("/") or path.endswith("/") or ".." in parts
+            or any(ord(c) < 32 for c in path)):
+        raise ValueError(f"lock_path {path!r} must be an absolute file path without '..', the "
+                         f"same for every device entry of the board (default {DEFAULT_LOCK})")
     return path
 
 
@@ -106,7 +142,7 @@ def devices_dir(directory: str | Path | None = None) -> Path:
 
 def device_paths(directory: str | Path | None = None) -> dict[str, Path]:
     folder = devices_dir(directory)
-    return {p.stem: p for p in sorted(folder.glob("*.toml")) if p.stem != "example"}
+    return {p.stem: p for p in sorted(folder.glob("*.toml")) if p.stem != EXAMPLE}
 
 
 def parse_device(path: Path) -> DeviceConfig:
@@ -121,6 +157,10 @@ def parse_device(path: Path) -> DeviceConfig:
     if config.name != path.stem:
         raise ConfigError(f"{path}: name {config.name!r} differs from the file name; "
                           f"rename the file to {config.name}.toml")
+    try:
+        load_target(config.target)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: key 'target': {exc}") from exc
     return replace(config, key=_resolve(config.key, path.parent),
                    known_hosts=_resolve(config.known_hosts, path.parent))
 
@@ -145,9 +185,23 @@ def load_device(name: str, directory: str | Path | None = None) -> DeviceConfig:
     return parse_device(known[name])
 
 
+def load_inventory(directory: str | Path | None = None,
+                   ) -> tuple[list[DeviceConfig], list[ConfigError]]:
+    """Every device of the inventory, and an error for each file that is not one (a bad file
+    does not hide the good ones)."""
+    good, bad = [], []
+    for path in device_paths(directory).values():
+        try:
+            good.append(parse_device(path))
+        except ConfigError as exc:
+            bad.append(exc)
+    return good, bad
+
+
 def save_device(config: DeviceConfig, directory: str | Path | None = None,
                 overwrite: bool = False) -> Path:
     """Write ``devices/<name>.toml`` (atomically); an existing file needs ``overwrite``."""
+    check_not_example(config.name)
     folder = devices_dir(directory)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{config.name}.toml"
@@ -161,11 +215,20 @@ def save_device(config: DeviceConfig, directory: str | Path | None = None,
 
 
 def remove_device(name: str, directory: str | Path | None = None) -> Path:
-    path = devices_dir(directory) / f"{check_name_or_error(name)}.toml"
+    path = devices_dir(directory) / f"{check_not_example(check_name_or_error(name))}.toml"
     if not path.is_file():
         raise ConfigError(f"no device {name!r} in {path.parent}/; see `edgec devices list`")
     path.unlink()
     return path
+
+
+def check_not_example(name: str) -> str:
+    """``example`` names the shipped template: edgec never writes or removes it."""
+    if name == EXAMPLE:
+        raise ConfigError(f"devices/{EXAMPLE}.toml is the documented example, not a board, and "
+                          f"edgec never writes or removes it; pick another name (or copy it: "
+                          f"`cp devices/{EXAMPLE}.toml devices/NAME.toml`)")
+    return name
 
 
 def check_name_or_error(name: str) -> str:

@@ -1,36 +1,42 @@
 """SSHDevice: run an artifact's runner on a board over SSH (paramiko), like LocalDevice does here.
 
-- Host keys are verified against the device's known_hosts; an unknown key is refused unless the
-  caller explicitly asks to accept and record a new one (a *changed* key is always refused).
-- Key authentication only; connect and command timeouts; keepalive.
+- Host keys are verified against the device's known_hosts (``@revoked`` honoured, see
+  known_hosts.py); an unknown key is refused unless the caller explicitly asks to accept and
+  record a new one (a *changed* or revoked key is always refused).
+- Key authentication only (the key path must name a private key); connect and command timeouts;
+  keepalive. paramiko's own log lines (its transport thread's tracebacks too) go to edgec's
+  logger at debug level, never straight to stderr.
+- One measurement at a time per board (lock.py), and each one says whether anything else ran on
+  the board meanwhile (contention.py) and whether the artifact was built for the board's target.
 - Artifacts are uploaded once into ``<workdir>/artifacts/<manifest hash>/`` on the board: to a
   temporary name, then renamed, so a half-uploaded artifact is never used; the cached files are
   checked against the manifest's digests before every run and re-uploaded when they differ.
 - Every remote command is built with shlex.quote; file names are checked against traversal.
 - Transient faults (connection refused, connection lost, no SSH banner) are retried with
-  backoff; everything ends as one DeviceError subclass naming the board and the next step.
+  backoff; everything ends as one DeviceError subclass naming the board, what was happening
+  (e.g. "lost mid-run after 3.2 s") and the next step.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import select
 import shlex
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import paramiko
 
 from edgec.artifact import read_manifest, sha256_file
-from edgec.devices import probe
+from edgec.devices import contention, known_hosts, probe
 from edgec.devices.base import eval_args, parse_runner_output
 from edgec.devices.inventory import DeviceConfig
-from edgec.devices.lock import BoardLock
+from edgec.devices.lock import BoardLock, LockChannelClosed
 from edgec.errors import (
     AuthError,
     ConnectError,
@@ -41,27 +47,32 @@ from edgec.errors import (
     RemoteDiskFull,
 )
 from edgec.measure import Measurement, MeasureSpec, condition_warnings
+from edgec.targets import Requirements
 
 log = logging.getLogger(__name__)
+RUNNER = "the runner"  # what is happening on the board: a connection lost then is lost "mid-run"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
-TIMEOUT_STATUSES = (124, 137)
-RUN_MARK = "@@edgec-runner@@"  # coreutils/busybox `timeout`: timed out / killed after -k
+TIMEOUT_STATUSES = (124, 137)  # coreutils/busybox `timeout`: timed out / killed after -k
 
-_DIGESTS = """
-import hashlib, json, os, sys
-root, names = sys.argv[1], sys.argv[2:]
-def digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-if not os.path.isdir(root):
-    print("null")
-else:
-    print(json.dumps({n: digest(os.path.join(root, n)) if os.path.isfile(os.path.join(root, n))
-                      else None for n in names}))
-"""
+
+class _ToEdgecLog(logging.Handler):
+    """paramiko's log records (its transport thread's tracebacks too) become edgec debug lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log.debug("paramiko (%s): %s", record.name, record.getMessage())
+        except Exception:  # noqa: BLE001  (a logging handler must never raise)
+            self.handleError(record)
+
+
+def _route_paramiko_logging() -> None:
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, _ToEdgecLog) for h in logger.handlers):
+        logger.addHandler(_ToEdgecLog())
+    logger.propagate = False
+
+
+_route_paramiko_logging()
 
 
 class _Transient(Exception):
@@ -103,6 +114,41 @@ def _remote_path(path: str) -> str:
     return path[2:] if path.startswith("~/") else path.rstrip("/")
 
 
+def check_private_key(path: str, board: str) -> None:
+    """``key`` must name a readable private key file: a public key (``.pub``) or anything else
+    is an AuthError now, before any connection (it would never authenticate)."""
+    fix = f"fix `key` in the device file of {board}"
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(200).strip()
+    except FileNotFoundError:
+        raise AuthError(f"key file {path} for board {board} does not exist; {fix} or create one "
+                        f"with ssh-keygen") from None
+    except OSError as exc:
+        raise AuthError(f"key file {path} for board {board} cannot be read ({exc.strerror}); "
+                        f"{fix} or its permissions") from None
+    if first.startswith(b"-----BEGIN ") and first.endswith(b"PRIVATE KEY-----"):
+        return
+    if first.startswith((b"ssh-", b"ecdsa-", b"sk-")) or b"PUBLIC KEY" in first:
+        private = path[:-4] if path.endswith(".pub") else "the file without .pub"
+        raise AuthError(f"key {path} for board {board} is a public key; `key` must name its "
+                        f"private key ({private}): {fix}")
+    raise AuthError(f"key {path} for board {board} is not a private key file (it does not begin "
+                    f"with '-----BEGIN ... PRIVATE KEY-----'); {fix}")
+
+
+@dataclass
+class _Run:
+    """One locked run on the board: the runner's result, the board state around it, and what
+    else ran on the board meanwhile."""
+
+    result: dict[str, Any]
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    disturbed_by: list[str] = field(default_factory=list)
+    disturbance: str = ""
+
+
 class SSHDevice:
     """A board reached over SSH. Same interface as LocalDevice; ``uploads`` counts uploads."""
 
@@ -114,25 +160,33 @@ class SSHDevice:
         self.workdir = _remote_path(config.workdir)
         self.uploads = 0
         self._client = None
-        self._lost_tokens: set[str] = set()
+        self._known = known_hosts.KnownHosts(known_hosts.host_name(config.host, config.port))
 
     # ----- public interface (the Device protocol) -------------------------------------------
     def run_runner(self, artifact_dir: Path, args: list[str],
                    timeout_s: float | None = None) -> dict[str, Any]:
-        return self._retrying(lambda: self._session(Path(artifact_dir), args, timeout_s))[0]
+        return self._retrying(lambda: self._session(Path(artifact_dir), args, timeout_s)).result
 
     def measure(self, artifact_dir: Path, spec: MeasureSpec) -> Measurement:
-        result, before, after = self._retrying(
-            lambda: self._session(Path(artifact_dir), spec.runner_args(), None))
-        result["board_state"] = {"before": before, "after": after}
-        return Measurement.from_runner(result, condition_warnings(before, after))
+        """Measure under the board lock; the warnings say when the board was not in a state to
+        be measured (governor, heat, other work) or is not the artifact's target."""
+        run = self._retrying(lambda: self._session(Path(artifact_dir), spec.runner_args(), None))
+        result = {**run.result, "board_state": {"before": run.before, "after": run.after},
+                  "disturbed_by": run.disturbed_by}
+        warnings = (*condition_warnings(run.before, run.after),
+                    *([run.disturbance] if run.disturbance else []),
+                    *self._target_warnings(Path(artifact_dir)))
+        return Measurement.from_runner(result, tuple(warnings))
 
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict:
         return self.run_runner(artifact_dir, eval_args(data, start, count))
 
-    def facts(self) -> dict[str, Any]:
-        """Arch, OS, Python, runtimes, governor, temperature, free disk and memory."""
-        script = probe.facts_script(self.config.python, self.workdir)
+    def facts(self, requires: Requirements | None = None) -> dict[str, Any]:
+        """Arch, OS, Python, runtimes, governor, temperature, free disk and memory; with
+        ``requires`` (a target's requirements) also the modules and commands it names."""
+        requires = requires or Requirements()
+        modules = [m for alt in requires.modules for m in alt.split("|")]
+        script = probe.facts_script(self.config.python, self.workdir, modules, requires.commands)
         return self._retrying(lambda: probe.parse(self._exec_ok(script, 60, "probe")))
 
     def cpu(self) -> dict[str, Any]:
@@ -157,51 +211,95 @@ class SSHDevice:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _target_warnings(self, artifact_dir: Path) -> list[str]:
+        built_for = read_manifest(artifact_dir).get("target", {})
+        built_for = built_for.get("name") if isinstance(built_for, dict) else built_for
+        if not built_for or built_for == self.config.target:
+            return []
+        return [f"artifact built for target {built_for!r}, but board {self.name} is target "
+                f"{self.config.target!r} (its device file): these latencies are not those of "
+                f"{built_for!r}; build with --target {self.config.target} or profile on a "
+                f"{built_for} board"]
+
     # ----- one locked session: upload if needed, run, read the board state ------------------
-    def _session(self, artifact_dir: Path, args: list[str], timeout_s: float | None):
+    def _session(self, artifact_dir: Path, args: list[str], timeout_s: float | None) -> _Run:
         manifest = read_manifest(artifact_dir)
         files = artifact_files(artifact_dir, manifest)
-        timeout_s = timeout_s or self.config.command_timeout_s
-        lock = BoardLock(self._exec, self.workdir, self.name,
-                         stale_after_s=self.config.command_timeout_s + 120,
-                         wait_s=self.config.lock_wait_s, reclaim=self._lost_tokens)
-        lock.acquire()
+        lock = BoardLock(self._open_channel, self.config.python, self.config.lock_path, self.name,
+                         wait_s=self.config.lock_wait_s)
+        self._on_board("waiting for the board lock", lock.acquire)
         try:
-            remote = self._ensure_artifact(artifact_dir, manifest["hash"], files)
-            result, before, after = self._run(remote, self._remote_args(args), timeout_s, lock)
+            remote = self._ensure_artifact(artifact_dir, manifest["hash"], files, lock)
+            run = self._run(remote, self._remote_args(args),
+                            timeout_s or self.config.command_timeout_s, lock)
         except _Transient:
-            self._lost_tokens.add(lock.token)
+            lock.abandon()  # the holder sees the connection end: it stops the runner, then frees
             raise
-        except BaseException:
+        except BaseException:  # Ctrl-C too: the runner is stopped before the lock is free
             self._release_quietly(lock)
             raise
         self._release_quietly(lock)
-        return result, before, after
+        return run
+
+    def _on_board(self, what: str, call):
+        """``call()``, a request to the lock holder; a dead connection is transient (and says
+        what it interrupted, after how long), a holder that could not start is named."""
+        started = time.monotonic()
+        try:
+            return call()
+        except LockChannelClosed as exc:
+            if self._transport_gone():
+                raise _Transient(self._lost(EOFError("the session ended"), what,
+                                            time.monotonic() - started)) from exc
+            raise self._python_failed(exc.status, exc.stderr, what) from exc
+        except (OSError, EOFError, self.paramiko.SSHException) as exc:
+            raise _Transient(self._lost(exc, what, time.monotonic() - started)) from exc
+
+    def _transport_gone(self, wait_s: float = 0.5) -> bool:
+        """A session may end a moment before paramiko notices the whole connection went."""
+        deadline = time.monotonic() + wait_s
+        while self._transport_alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _python_failed(self, status: int, stderr: str, what: str) -> RemoteCommandError:
+        python, tail = self.config.python, stderr.strip()[-500:]
+        if status == 127 or "not found" in tail or "No such file" in tail:
+            return RemoteCommandError(
+                f"board {self.name}: python {python!r} (the `python` of its device file) was not "
+                f"found on the board; set `python` to the board's interpreter that has numpy and "
+                f"the runtime (`command -v python3` on the board), then `edgec devices check "
+                f"{self.name}`")
+        return RemoteCommandError(f"board {self.name}: {what} failed (exit {status}): {tail}; run "
+                                  f"`edgec devices check {self.name}`")
 
     def _release_quietly(self, lock: BoardLock) -> None:
         try:
             lock.release()
-        except (_Transient, DeviceError) as exc:
-            self._lost_tokens.add(lock.token)
-            log.warning("board %s: could not release the lock (%s); it is reclaimed next time",
-                        self.name, exc)
+        except (OSError, EOFError, self.paramiko.SSHException, DeviceError) as exc:
+            lock.abandon()
+            log.warning("board %s: could not release the lock (%s); its holder on the board "
+                        "frees it once the connection ends", self.name, exc)
 
-    def _run(self, remote: str, args: list[str], timeout_s: float, lock: BoardLock):
-        """One round trip: board state, the runner (bounded by `timeout` on the board), state."""
-        q = shlex.quote
-        runner = (f"env OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 timeout -k 5 "
-                  f"{max(1, round(timeout_s))} {q(self.config.python)} {q(remote + '/runner.py')} "
-                  + " ".join(q(a) for a in args))
-        command = (f"{probe.STATE_SCRIPT}\necho {RUN_MARK}\n{runner} </dev/null & p=$!\n"
-                   f"{lock.record_pid('p')}\nwait $p; s=$?\necho {RUN_MARK}\n"
-                   f"{probe.STATE_SCRIPT}\nexit $s\n")
-        status, out, err = self._exec(command, timeout_s + 30)
-        parts = out.split(f"{RUN_MARK}\n")
-        if len(parts) != 3:
-            raise RemoteCommandError(f"board {self.name}: the run ended early (exit {status}): "
-                                     f"{err.strip()[-500:]}; run `edgec devices check "
-                                     f"{self.name}`")
-        before, out, after = probe.parse(parts[0]), parts[1], probe.parse(parts[2])
+    def _run(self, remote: str, args: list[str], timeout_s: float, lock: BoardLock) -> _Run:
+        """The runner, run by the lock holder (bounded by `timeout` on the board), with the
+        board's state and processes read just before and just after it."""
+        argv = ["timeout", "-k", "5", str(max(1, round(timeout_s))), self.config.python,
+                f"{remote}/runner.py", *args]
+        env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+        ran = self._on_board(RUNNER, lambda: lock.run(argv, env, probe.STATE_SCRIPT,
+                                                      timeout_s + 30))
+        status, out, err = ran["status"], ran["stdout"], ran["stderr"]
+        self._check_run_status(status, err, timeout_s)
+        found = contention.others(ran["before"], ran["after"])
+        window = ran["after"]["uptime"] - ran["before"]["uptime"]
+        return _Run(parse_runner_output(out, err, f"board {self.name}"),
+                    probe.parse(ran["before_state"]), probe.parse(ran["after_state"]), found,
+                    contention.disturbance_warning(found, window) if found else "")
+
+    def _check_run_status(self, status: int, err: str, timeout_s: float) -> None:
         if status in TIMEOUT_STATUSES:
             raise DeviceTimeout(f"runner on board {self.name} exceeded {timeout_s:.0f} s and was "
                                 f"stopped; raise command_timeout_s in its device file or lower "
@@ -213,13 +311,13 @@ class SSHDevice:
                 f"runner on board {self.name} failed (exit {status}); its last errors:\n{tail}\n"
                 f"run `edgec devices check {self.name}` to compare the board's runtimes with the "
                 f"artifact's target")
-        return parse_runner_output(out, err, f"board {self.name}"), before, after
 
     # ----- the artifact cache on the board ---------------------------------------------------
-    def _ensure_artifact(self, artifact_dir: Path, key: str, files: dict[str, str]) -> str:
+    def _ensure_artifact(self, artifact_dir: Path, key: str, files: dict[str, str],
+                         lock: BoardLock) -> str:
         q = shlex.quote
         remote = f"{self.workdir}/artifacts/{key}"
-        found = self._remote_digests(remote, list(files))
+        found = self._on_board("the cache check", lambda: lock.digests(remote, list(files), 120))
         if found == files:
             return remote
         if found is not None:
@@ -229,11 +327,6 @@ class SSHDevice:
             self._exec_ok(f"rm -rf -- {q(remote)}", 60, "cache cleanup")
         self._upload(artifact_dir, remote, list(files))
         return remote
-
-    def _remote_digests(self, remote: str, names: list[str]) -> dict[str, str | None] | None:
-        q = shlex.quote
-        command = f"{q(self.config.python)} -c {q(_DIGESTS)} {q(remote)} " + " ".join(map(q, names))
-        return json.loads(self._exec_ok(command, 120, "cache check").strip().splitlines()[-1])
 
     def _upload(self, artifact_dir: Path, remote: str, names: list[str]) -> None:
         """Upload into a temporary directory, then rename it into place (atomic on the board)."""
@@ -294,9 +387,9 @@ class SSHDevice:
 
     def _upload_failed(self, exc: Exception, tmp: str, size: int) -> None:
         if not self._transport_alive():
-            raise _Transient(self._lost(exc)) from exc
+            raise _Transient(self._lost(exc, "the upload")) from exc
         try:
-            self._exec(f"rm -rf -- {shlex.quote(tmp)}", 60)
+            self._exec(f"rm -rf -- {shlex.quote(tmp)}", 60, "upload cleanup")
             free = probe.parse(self._exec_ok(probe.facts_script(self.config.python, self.workdir),
                                              60, "probe")).get("disk_free_mb")
         except (_Transient, DeviceError):
@@ -317,14 +410,15 @@ class SSHDevice:
     # ----- transport ---------------------------------------------------------------------
     def _retrying(self, operation):
         attempts = self.config.retries + 1
+        first = None
         for attempt in range(attempts):
             try:
                 return operation()
             except _Transient as fault:
                 self.close()
+                first = first or fault.error
                 if attempt + 1 == attempts:
-                    error = fault.error
-                    raise type(error)(f"{error} (after {attempts} attempts)") from fault
+                    raise _final_error(fault.error, first, attempts) from fault
                 delay = self.config.retry_backoff_s * 2 ** attempt
                 log.warning("board %s: %s; retrying in %.1f s (%d/%d)", self.name, fault.error,
                             delay, attempt + 1, attempts - 1)
@@ -344,15 +438,15 @@ class SSHDevice:
 
     def _connect(self):
         paramiko, cfg = self.paramiko, self.config
-        if cfg.key and not Path(cfg.key).is_file():
-            raise AuthError(f"key file {cfg.key} for board {self.name} does not exist; fix `key` "
-                            f"in its device file or create one with ssh-keygen")
+        if cfg.key:
+            check_private_key(cfg.key, self.name)
+        known_path = Path(cfg.known_hosts)
+        self._known = known_hosts.load(known_path, cfg.host, cfg.port)
         client = paramiko.SSHClient()
-        known = Path(cfg.known_hosts)
-        if known.is_file():
-            client.load_host_keys(str(known))
+        known_hosts.install(client, self._known, known_path, self.name, self.accept_new_host_key)
         client.set_missing_host_key_policy(
-            _AcceptNewKey(known, self.name) if self.accept_new_host_key else _RejectUnknownKey())
+            _AcceptNewKey(known_path, self.name, self._known) if self.accept_new_host_key
+            else _RejectUnknownKey(self._known))
         t = cfg.connect_timeout_s
         started = time.monotonic()
         try:
@@ -369,18 +463,9 @@ class SSHDevice:
     def _connect_error(self, exc: BaseException, elapsed_s: float) -> BaseException:
         p, cfg, where = self.paramiko, self.config, f"{self.config.host}:{self.config.port}"
         check = f"`edgec devices check {self.name}`"
-        if isinstance(exc, p.BadHostKeyException):
-            return HostKeyError(
-                f"board {self.name} ({where}) presented a host key that does NOT match "
-                f"{cfg.known_hosts} (got {_fingerprint(exc.key)}); this may be an attack. If the "
-                f"board was reinstalled, remove the old entry with `ssh-keygen -R "
-                f"'{_known_hosts_name(cfg)}' -f {cfg.known_hosts}` and run {check} "
-                f"--accept-new-host-key")
-        if isinstance(exc, _UnknownHostKey):
-            return HostKeyError(
-                f"board {self.name} ({where}) is not in {cfg.known_hosts} (its key is "
-                f"{exc.fingerprint}); verify that fingerprint on the board, then record it with "
-                f"{check} --accept-new-host-key")
+        host_key = self._host_key_error(exc, where, check)
+        if host_key is not None:
+            return host_key
         if isinstance(exc, p.PasswordRequiredException):
             return AuthError(f"key {cfg.key} for board {self.name} is passphrase-protected; load "
                              f"it into ssh-agent and leave `key` empty in the device file")
@@ -388,8 +473,10 @@ class SSHDevice:
             return AuthError(
                 f"board {self.name} ({where}) refused key {cfg.key or '(agent)'} for user "
                 f"{cfg.user or '(local user)'}; install the public key on the board with "
-                f"`ssh-copy-id -i {cfg.key or '~/.ssh/id_ed25519'}.pub -p {cfg.port} "
-                f"{cfg.user or '$USER'}@{cfg.host}` or fix `user`/`key` in its device file")
+                f"`{_copy_id_command(cfg)}` or fix `user`/`key` in its device file")
+        if isinstance(exc, p.SSHException) and "private key" in str(exc):
+            return AuthError(f"key {cfg.key} for board {self.name} cannot be used ({exc}); fix "
+                             f"`key` in its device file")
         if isinstance(exc, p.ssh_exception.NoValidConnectionsError):
             return _Transient(ConnectError(
                 f"cannot reach board {self.name} at {where} (connection refused); check that it "
@@ -405,21 +492,49 @@ class SSHDevice:
                 f"network, or raise connect_timeout_s"))
         if isinstance(exc, OSError | EOFError | p.SSHException):
             return _Transient(ConnectError(
-                f"cannot connect to board {self.name} at {where} ({exc}); check the network "
-                f"and sshd on the board, then {check}"))
+                f"cannot connect to board {self.name} at {where} ({_detail(exc)}); check the "
+                f"network and sshd on the board, then {check}"))
         return exc
 
-    def _lost(self, exc: BaseException) -> ConnectError:
+    def _host_key_error(self, exc: BaseException, where: str, check: str) -> HostKeyError | None:
+        known = self.config.known_hosts
+        key = getattr(exc, "key", None)
+        if isinstance(exc, _RevokedHostKey) or (
+                isinstance(exc, self.paramiko.BadHostKeyException) and self._known.is_revoked(key)):
+            return HostKeyError(
+                f"board {self.name} ({where}) presented host key {_fingerprint(key)}, which "
+                f"{known} marks @revoked; edgec never accepts a revoked key. Give the board a new "
+                f"host key, check its fingerprint on the board and record it with {check} "
+                f"--accept-new-host-key")
+        if isinstance(exc, self.paramiko.BadHostKeyException):
+            return HostKeyError(
+                f"board {self.name} ({where}) presented a host key that does NOT match "
+                f"{known} (got {_fingerprint(key)}); this may be an attack. If the board was "
+                f"reinstalled, remove the old entry with `ssh-keygen -R "
+                f"{shlex.quote(self._known.name)} -f {shlex.quote(known)}` and run {check} "
+                f"--accept-new-host-key")
+        if isinstance(exc, _UnknownHostKey):
+            return HostKeyError(
+                f"board {self.name} ({where}) is not in {known} (its key is {exc.fingerprint}); "
+                f"verify that fingerprint on the board, then record it with {check} "
+                f"--accept-new-host-key")
+        return None
+
+    def _lost(self, exc: BaseException, what: str = "", elapsed_s: float | None = None):
+        """The connection died: say what was happening and for how long."""
+        during = "" if not what else " mid-run" if what == RUNNER else f" during {what}"
+        if what and elapsed_s is not None:
+            during += f" after {elapsed_s:.1f} s"
         return ConnectError(f"connection to board {self.name} ({self.config.host}:"
-                            f"{self.config.port}) was lost ({type(exc).__name__}: {exc}); check "
-                            f"that the board is up and sshd runs, then "
-                            f"`edgec devices check {self.name}`")
+                            f"{self.config.port}) was lost{during} ({_detail(exc)}); check that "
+                            f"the board is up and sshd runs, then `edgec devices check "
+                            f"{self.name}`")
 
     def _sftp(self):
         try:
             return self._connected().open_sftp()
         except (OSError, EOFError, self.paramiko.SSHException) as exc:
-            raise _Transient(self._lost(exc)) from exc
+            raise _Transient(self._lost(exc, "opening SFTP")) from exc
 
     @staticmethod
     def _sftp_mkdir(sftp, path: str) -> None:
@@ -429,7 +544,7 @@ class SSHDevice:
             sftp.stat(path)  # it already exists; anything else raises again
 
     def _exec_ok(self, command: str, timeout_s: float, what: str) -> str:
-        status, out, err = self._exec(command, timeout_s)
+        status, out, err = self._exec(command, timeout_s, what)
         if status in TIMEOUT_STATUSES or status != 0:
             self._raise_if_disk_full(err)
             raise RemoteCommandError(f"{what} on board {self.name} failed (exit {status}): "
@@ -437,8 +552,8 @@ class SSHDevice:
                                      f"{self.name}`")
         return out
 
-    def _exec(self, command: str, timeout_s: float) -> tuple[int, str, str]:
-        """Run ``command`` on the board; (exit status, stdout, stderr). Deadline enforced here."""
+    def _open_channel(self, command: str):
+        """A new session on the board running ``command`` (a lost connection is transient)."""
         try:
             channel = self._connected().get_transport().open_session(
                 timeout=self.config.connect_timeout_s)
@@ -446,9 +561,14 @@ class SSHDevice:
         except _Transient:
             raise
         except (OSError, EOFError, self.paramiko.SSHException) as exc:
-            raise _Transient(self._lost(exc)) from exc
+            raise _Transient(self._lost(exc, "opening a session")) from exc
+        return channel
+
+    def _exec(self, command: str, timeout_s: float, what: str = "a command") -> tuple[int, str, str]:
+        """Run ``command`` on the board; (exit status, stdout, stderr). Deadline enforced here."""
+        channel = self._open_channel(command)
         out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         try:
             while True:
                 select.select([channel], [], [], 0.02)
@@ -459,8 +579,8 @@ class SSHDevice:
                 if channel.exit_status_ready() and not (channel.recv_ready()
                                                         or channel.recv_stderr_ready()):
                     break
-                if time.monotonic() > deadline:
-                    raise DeviceTimeout(f"command on board {self.name} exceeded {timeout_s:.0f} s;"
+                if time.monotonic() - started > timeout_s:
+                    raise DeviceTimeout(f"{what} on board {self.name} exceeded {timeout_s:.0f} s;"
                                         f" raise command_timeout_s in its device file")
             status = channel.recv_exit_status()
         finally:
@@ -468,9 +588,29 @@ class SSHDevice:
         if status == -1:  # killed by a signal, or the connection died: tell them apart
             for _ in range(10):
                 if not self._transport_alive():
-                    raise _Transient(self._lost(EOFError("the session ended without a status")))
+                    raise _Transient(self._lost(EOFError("the session ended without a status"),
+                                                what, time.monotonic() - started))
                 time.sleep(0.05)
         return status, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _final_error(last: DeviceError, first: DeviceError, attempts: int) -> DeviceError:
+    """The error after the last retry; it names the first fault too when that differs."""
+    if str(first) == str(last):
+        return type(last)(f"{last} (after {attempts} attempts)")
+    return type(last)(f"{first}; then {attempts - 1} more attempt(s) failed, the last: {last}")
+
+
+def _copy_id_command(config: DeviceConfig) -> str:
+    """The ssh-copy-id line that installs the public key, every part shell-quoted."""
+    q = shlex.quote
+    public = q(f"{config.key}.pub") if config.key else "~/.ssh/id_ed25519.pub"
+    login = f"{config.user}@{config.host}" if config.user else config.host
+    return f"ssh-copy-id -i {public} -p {config.port} {q(login)}"
 
 
 class _UnknownHostKey(Exception):
@@ -479,35 +619,45 @@ class _UnknownHostKey(Exception):
         self.fingerprint = fingerprint
 
 
+class _RevokedHostKey(Exception):
+    def __init__(self, key):
+        super().__init__(_fingerprint(key))
+        self.key = key
+
+
 def _fingerprint(key) -> str:
     import base64
 
+    if key is None:
+        return "(unknown)"
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def _known_hosts_name(config: DeviceConfig) -> str:
-    return config.host if config.port == 22 else f"[{config.host}]:{config.port}"
 
 
 class _RejectUnknownKey(paramiko.MissingHostKeyPolicy):
     """Refuse a host missing from known_hosts (paramiko's RejectPolicy, plus a fingerprint)."""
 
+    def __init__(self, known: known_hosts.KnownHosts):
+        self.known = known
+
     def missing_host_key(self, client, hostname, key):
+        if self.known.is_revoked(key):
+            raise _RevokedHostKey(key)
         raise _UnknownHostKey(f"{key.get_name()} {_fingerprint(key)}")
 
 
 class _AcceptNewKey(paramiko.MissingHostKeyPolicy):
     """Record an unknown host's key in known_hosts (only when the user asked for it)."""
 
-    def __init__(self, known_hosts: Path, board: str):
-        self.known_hosts, self.board = known_hosts, board
+    def __init__(self, known_hosts_path: Path, board: str, known: known_hosts.KnownHosts):
+        self.known_hosts, self.board, self.known = known_hosts_path, board, known
 
     def missing_host_key(self, client, hostname, key):
+        if self.known.is_revoked(key):
+            raise _RevokedHostKey(key)
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         with open(self.known_hosts, "a") as f:
             f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("board %s: recorded new host key %s %s for %s in %s", self.board,
                     key.get_name(), _fingerprint(key), hostname, self.known_hosts)
-
