@@ -110,7 +110,8 @@ def targets():
             cpu = target_cpu(t)
             table.add_row(name, t.isa, cpu.model if t.cpu == "native" else t.cpu, cpu.int8_path,
                           ", ".join(t.precisions), ", ".join(t.backends))
-            described.append(f"{name}: {t.description}")
+            also = f" (also {', '.join(t.aliases)})" if t.aliases else ""
+            described.append(f"{name}{also}: {t.description}")
     except EdgecError as exc:
         _fail(exc)
     console.print(table)
@@ -149,7 +150,7 @@ def check(
     console.print(render_check(report), highlight=False, markup=False, soft_wrap=True)
 
 
-from edgec.cli_devices import devices_app, profile  # noqa: E402  (they reuse _fail above)
+from edgec.cli_devices import devices_app, profile  # noqa: E402  (after the commands above)
 
 app.add_typer(devices_app, name="devices")
 app.command("profile")(profile)

@@ -13,25 +13,23 @@ from edgec.errors import ConfigError
 from edgec.resources import builtin_dir
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-VERSION_CLAUSE = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*")
 MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
 def version_satisfies(version: str, spec: str) -> bool:
-    """Whether ``version`` (``3.11.2``) meets ``spec`` (``>=3.9`` or ``>=3.9,<3.13``)."""
-    have = _version(version)
-    for clause in filter(None, spec.split(",")):
-        op, want = VERSION_CLAUSE.fullmatch(clause).groups()
-        width = len(_version(want))
-        left, right = have[:width], _version(want)
-        ok = {">=": left >= right, "<=": left <= right, "==": left == right,
-              "!=": left != right, ">": left > right, "<": left < right}[op]
-        if not ok:
-            return False
+    """Whether ``version`` (``3.11.2``) meets the PEP 440 ``spec`` (``>=3.9,<3.13``)."""
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(spec).contains(version, prereleases=True)
+
+
+def _is_specifier(text: str) -> bool:
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        SpecifierSet(text)
+    except InvalidSpecifier:
+        return False
     return True
 
 
@@ -51,8 +49,7 @@ class Requirements:
             raise ValueError(f"key 'runtime_requires': unknown entries {unknown}; use python, "
                              f"modules, commands")
         python = raw.get("python", "")
-        if not isinstance(python, str) or python and not all(
-                VERSION_CLAUSE.fullmatch(c) for c in python.split(",")):
+        if not isinstance(python, str) or python and not _is_specifier(python):
             raise ValueError(f"key 'runtime_requires': python {python!r} is not a version "
                              f"specifier like '>=3.9' or '>=3.9,<3.13'")
         lists = {key: raw.get(key, []) for key in ("modules", "commands")}
@@ -87,6 +84,7 @@ class Target:
     runtime_requires: dict[str, Any] = field(default_factory=dict)
     # /proc/cpuinfo flags that pick the int8 kernels (edgec.cpu); ignored for cpu = "native"
     cpu_features: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other names: what people say, TVM's target tags
     tvm_target: dict[str, Any] = field(default_factory=dict)
     cross_compiler: str = ""  # C++ compiler that links TVM's shared objects for this ISA
     options: dict[str, Any] = field(default_factory=dict)
@@ -134,17 +132,33 @@ def target_paths() -> dict[str, Path]:
     return {p.stem: p for p in sorted(builtin_dir("targets").glob("*.toml"))}
 
 
+def target_aliases() -> dict[str, str]:
+    """Every other name of a built-in target (``aliases`` in its TOML: the names people say,
+    TVM's tags) → the target's name."""
+    found: dict[str, str] = {}
+    for name, path in target_paths().items():
+        for alias in load_toml(path).get("aliases", []):
+            if found.setdefault(alias, name) != name or alias in target_paths():
+                raise ConfigError(f"{path}: alias {alias!r} already names target "
+                                  f"{found[alias] if found[alias] != name else alias!r}; "
+                                  f"aliases must be unique")
+    return found
+
+
 def load_target(name_or_path: str) -> Target:
-    """A target by built-in name or TOML path; an unknown name lists the known ones."""
+    """A target by built-in name, alias (``jetson``, ``raspberry-pi/4b-aarch64``) or TOML path;
+    an unknown name gets the closest known one."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        known = target_paths()
-        if name_or_path not in known:
-            close = difflib.get_close_matches(name_or_path, known, n=1)
+        known, aliases = target_paths(), target_aliases()
+        name = aliases.get(name_or_path, name_or_path)
+        if name not in known:
+            close = (difflib.get_close_matches(name_or_path, known, n=1)
+                     or difflib.get_close_matches(name_or_path, aliases, n=1))
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"unknown target {name_or_path!r}; {hint}known targets: "
-                              f"{', '.join(known)}")
-        path = known[name_or_path]
+                              f"{', '.join(known)} (see `edgec targets`)")
+        path = known[name]
     raw = _with_parent(path, load_toml(path))
     return from_dict(Target, {"name": path.stem, **raw}, str(path))
 

@@ -47,11 +47,13 @@ def test_pass_typo_gets_a_suggestion(tmp_path):
         load_recipe(recipe)
 
 
-def test_build_by_recipe_name_outside_the_clone(tmp_path):
+def test_build_by_recipe_name_and_target_tag_outside_the_clone(tmp_path):
     done = edgec("build", str(EXAMPLES / "digits" / "model.toml"), "--recipe", "int8",
-                 "--no-profile", "--out", str(tmp_path / "out"), cwd=tmp_path)
+                 "--target", "raspberry-pi/4b-aarch64", "--no-profile",
+                 "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert list((tmp_path / "out" / "local").glob("digits-cnn-*/report.html"))
+    [report] = (tmp_path / "out" / "rpi4").glob("digits-cnn-*/report.html")
+    assert "host, not rpi4" in report.read_text()  # evaluated here, standing in for the Pi
     failed = edgec("build", str(EXAMPLES / "digits" / "model.toml"), "--recipe", "int9",
                    cwd=tmp_path)
     assert failed.returncode == 2 and "did you mean 'int8'" in failed.stderr

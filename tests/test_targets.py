@@ -106,7 +106,8 @@ def test_runtime_requirements_are_data():
 
 @pytest.mark.parametrize("version, spec, ok", [
     ("3.11.2", ">=3.9", True), ("3.9.0", ">=3.9", True), ("3.8.18", ">=3.9", False),
-    ("3.12.1", ">=3.9,<3.12", False), ("3.10", "==3.10", True), ("3.10.4", "!=3.10", False),
+    ("3.12.1", ">=3.9,<3.12", False), ("3.10", "==3.10", True), ("3.10.4", "!=3.10.*", False),
+    ("3.10.4", "!=3.10", True),
 ])
 def test_python_version_specifiers(version, spec, ok):
     from edgec.targets import version_satisfies
@@ -126,3 +127,22 @@ def test_bad_runtime_requirements_name_the_file_and_key(tmp_path, old, new, mess
     path = _copy_target(tmp_path, "rpi4", lambda t: t.replace(old, new))
     with pytest.raises(ConfigError, match=rf"rpi4\.toml.*'runtime_requires'.*{message}"):
         load_target(path)
+
+
+@pytest.mark.parametrize("said, name", [
+    ("jetson", "jetson-orin-nano"), ("nvidia/jetson-orin-nano", "jetson-orin-nano"),
+    ("raspberry-pi/4b-aarch64", "rpi4"), ("pi4", "rpi4"), ("pi5", "rpi5"),
+    ("android", "android-arm64"), ("fpga", "pynq-z2"),
+])
+def test_targets_answer_to_the_names_people_say(said, name):
+    assert load_target(said).name == name
+
+
+def test_aliases_are_unique_and_a_typo_gets_the_closest_name():
+    from edgec.targets import target_aliases, target_paths
+
+    aliases = target_aliases()
+    assert not set(aliases) & set(target_paths())
+    assert load_target("rpi5").aliases == ("pi5",)  # rpi4's aliases are not inherited
+    with pytest.raises(ConfigError, match="unknown target 'jetsn'; did you mean 'jetson'"):
+        load_target("jetsn")
