@@ -37,7 +37,8 @@ def main() -> None:
     from edgec.build import write_artifact
     from edgec.data import load_data_config, preprocess
     from edgec.model import load_model_config, load_torch_model
-    from edgec.pipeline import Context, load_recipe
+    from edgec.pipeline import Context
+    from edgec.recipes import load_recipe
     from edgec.targets import load_target
 
     config = load_model_config(args.model)

@@ -34,7 +34,8 @@ from edgec.devices import LocalDevice  # noqa: E402
 from edgec.measure import MeasureSpec  # noqa: E402
 from edgec.model import load_model_config, load_torch_model  # noqa: E402
 from edgec.passes.quantize import weight_bytes  # noqa: E402
-from edgec.pipeline import Context, load_recipe  # noqa: E402
+from edgec.pipeline import Context  # noqa: E402
+from edgec.recipes import load_recipe  # noqa: E402
 from edgec.targets import load_target  # noqa: E402
 
 RECIPES = {"int8 (real calibration)": "int8.toml", "mixed int4/int8 (HAWQ-V2)": "mixed.toml",

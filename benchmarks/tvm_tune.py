@@ -19,7 +19,8 @@ from edgec.build import write_artifact
 from edgec.devices import LocalDevice
 from edgec.measure import MeasureSpec
 from edgec.model import load_model_config, load_torch_model
-from edgec.pipeline import Context, load_recipe
+from edgec.pipeline import Context
+from edgec.recipes import load_recipe
 from edgec.targets import load_target
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,8 +23,9 @@ from edgec.errors import CompileError, ConfigError, ModelError
 from edgec.measure import MeasureSpec
 from edgec.model import ModelConfig, load_model_config, load_torch_model
 from edgec.passes.export import ExportParams, ExportPass
-from edgec.pipeline import Context, Pipeline, Step, load_recipe, resolve_recipe
+from edgec.pipeline import Context, Pipeline, Step
 from edgec.profiles import ProfileDB
+from edgec.recipes import load_recipe, resolve_recipe
 from edgec.report import Row, cpu_words, write_reports
 from edgec.runner import RUNNER_PATH
 from edgec.targets import Target, load_target
@@ -46,6 +47,7 @@ class BuildRequest:
     profiles: Path = Path("profiles")  # a board's profiles are appended to <profiles>/<device>/
     backend: str | None = None  # one of the target's backends instead of its first that fits
     tune: int = 0  # MetaSchedule trial budget for the tvm backend (0: untuned)
+    overrides: dict[str, Any] = field(default_factory=dict)  # {"prune.ratio": 0.2}: see --set
 
 
 DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
@@ -68,7 +70,8 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     """Run the whole build; the artifact directory appears only when everything succeeded."""
     config = load_model_config(request.model)
     target = load_target(request.target)
-    pipeline = load_recipe(request.recipe or default_recipe(target))
+    pipeline = load_recipe(request.recipe or default_recipe(target)).with_overrides(
+        request.overrides)
     pipeline.check_target(target)
     calibration, evaluation = _load_data(config, request.data)
     progress(f"loading model {config.name}")

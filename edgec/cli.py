@@ -54,6 +54,8 @@ def build(
                                            "emulated boards)"),
     backend: str = typer.Option(None, help="one of the target's backends (default: first that fits)"),
     tune: int = typer.Option(0, help="MetaSchedule trials for the tvm backend (0: untuned)"),
+    set_: list[str] = typer.Option(None, "--set", help="override a recipe parameter: "
+                                   "PASS.PARAM=VALUE (TOML value), e.g. --set quantize.mode=mixed"),
 ):
     """Run the recipe's passes, compile for TARGET, evaluate and profile; print the table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -66,7 +68,7 @@ def build(
         request = BuildRequest(model, target, recipe, data, out,
                                MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
                                profile, device=device, eval_count=eval_count, backend=backend,
-                               tune=tune)
+                               tune=tune, overrides=parse_overrides(set_ or []))
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("building", total=None)
@@ -79,6 +81,26 @@ def build(
     for line in report_notes(result.manifest):
         console.print(line, highlight=False, markup=False)
     console.print(f"artifact: {result.directory}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["prune.ratio=0.2", "quantize.mode=mixed"]`` → values read as TOML (bare words stay
+    strings)."""
+    import tomllib
+
+    from edgec.errors import ConfigError
+
+    overrides = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: write PASS.PARAM=VALUE, e.g. quantize.mode=mixed")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
 
 
 def _rows_table(rows, title: str) -> Table:
@@ -123,7 +145,7 @@ def targets():
 def recipes():
     """List the built-in recipes (usable by name: --recipe int8)."""
     from edgec.config import load_toml
-    from edgec.pipeline import recipe_paths
+    from edgec.recipes import recipe_paths
 
     table = Table(title="recipes")
     for column in ("name", "passes", "description"):

@@ -160,7 +160,7 @@ def fold_head(head: nn.Module) -> nn.Module:
 def fold_segment(segment: nn.Module) -> nn.Module:
     """A backbone segment for deployment: eval mode, BatchNorm folded where the segment still
     has it (the backbone was fine-tuned with BatchNorm, which trains far better than folded)."""
-    from edgec.passes.fuse import fold_batchnorm
+    from edgec.batchnorm import fold_batchnorm
 
     segment = copy.deepcopy(segment).eval()
     for part in segment if isinstance(segment, nn.Sequential) else [segment]:  # merged: keep()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from edgec.artifact import Artifact, LineageStep
-from edgec.config import check_keys, from_dict, load_toml, suggest
+from edgec.config import from_dict, suggest
 from edgec.errors import ConfigError, EdgecError, PassError
 
 
@@ -72,6 +72,28 @@ class Pipeline:
     def config(self) -> list[dict[str, Any]]:
         return [{"pass": s.pass_.name, "params": asdict(s.params)} for s in self.steps]
 
+    def with_overrides(self, overrides: dict[str, Any]) -> Pipeline:
+        """A copy with step parameters replaced: ``{"prune.ratio": 0.2, "quantize.mode":
+        "mixed"}``; keys are ``pass.param`` and validated like recipe keys."""
+        steps = list(self.steps)
+        for key, value in overrides.items():
+            name, dot, param = key.partition(".")
+            if not dot or not param:
+                raise ConfigError(f"override {key!r} is not 'pass.param' (e.g. quantize.mode)")
+            where = [i for i, step in enumerate(steps) if step.pass_.name == name]
+            if not where:
+                names = [step.pass_.name for step in steps]
+                raise ConfigError(f"override {key!r}: recipe {self.name!r} has no pass {name!r}; "
+                                  f"{suggest(name, names, 'its passes')}")
+            if len(where) > 1:
+                raise ConfigError(f"override {key!r}: recipe {self.name!r} runs {name!r} "
+                                  f"{len(where)} times; edit the recipe instead")
+            step = steps[where[0]]
+            values = {**asdict(step.params), param: value}
+            steps[where[0]] = Step(step.pass_, from_dict(type(step.params), values,
+                                                         f"override {key!r} ({name})"))
+        return Pipeline(steps, self.name)
+
     def check_target(self, target) -> None:
         for step in self.steps:
             reason = step.pass_.supports(target)
@@ -99,47 +121,3 @@ class Pipeline:
             done.append(step.pass_.name)
             on_step(step.pass_.name, time.perf_counter() - started)
         return artifact
-
-
-def recipe_paths() -> dict[str, Path]:
-    """The built-in recipes by name (passes/*.toml, shipped as package data)."""
-    from edgec.resources import builtin_dir
-
-    return {p.stem: p for p in sorted(builtin_dir("passes").glob("*.toml"))}
-
-
-def resolve_recipe(name_or_path: str | Path) -> Path:
-    """A recipe TOML path, or a built-in recipe by bare name (``int8``, ``prune-int8``)."""
-    path, known = Path(name_or_path), recipe_paths()
-    if path.is_file():
-        return path
-    if path.suffix == ".toml":  # passes/int8.toml from outside the clone: the built-in one
-        return known[path.stem] if path.parent.name == "passes" and path.stem in known else path
-    if str(name_or_path) not in known:
-        raise ConfigError(f"unknown recipe {str(name_or_path)!r}: neither a file nor a built-in "
-                          f"recipe; {suggest(str(name_or_path), known, 'built-in recipes')}")
-    return known[str(name_or_path)]
-
-
-def load_recipe(path: str | Path, registry: dict[str, Any] | None = None) -> Pipeline:
-    """Build a Pipeline from a recipe TOML (a path or a built-in name): ``[[step]]`` tables with
-    ``pass`` plus its params."""
-    from edgec.passes import PASSES
-
-    registry = registry or PASSES
-    path = resolve_recipe(path)
-    raw = load_toml(path)
-    check_keys(raw, ["name", "description", "step", "search"], str(path))
-    steps = []
-    for i, table in enumerate(raw.get("step", [])):
-        where = f"{path} step {i + 1}"
-        table = dict(table)
-        name = table.pop("pass", None)
-        if name not in registry:
-            raise ConfigError(f"{where}: unknown pass {name!r}; "
-                              f"{suggest(str(name), registry, 'known passes')}")
-        pass_ = registry[name]()
-        steps.append(Step(pass_, from_dict(pass_.Params, table, f"{where} ({name})")))
-    if not steps:
-        raise ConfigError(f"{path}: recipe has no [[step]]; add at least one pass")
-    return Pipeline(steps, name=raw.get("name", path.stem))

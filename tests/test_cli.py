@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from edgec import __version__
 from edgec.errors import ConfigError
-from edgec.pipeline import load_recipe, recipe_paths, resolve_recipe
+from edgec.recipes import load_recipe, recipe_paths, resolve_recipe
 from edgec.targets import target_paths
 from tests.conftest import EXAMPLES
 
@@ -58,3 +59,32 @@ def test_build_by_recipe_name_and_target_tag_outside_the_clone(tmp_path):
                    cwd=tmp_path)
     assert failed.returncode == 2 and "did you mean 'int8'" in failed.stderr
     assert failed.stdout.strip() == ""  # errors go to stderr
+
+
+def test_overrides_change_one_step_and_are_checked_like_recipe_keys():
+    pipeline = load_recipe("prune-int8").with_overrides({"prune.ratio": 0.2,
+                                                         "quantize.mode": "mixed"})
+    params = {step.pass_.name: step.params for step in pipeline.steps}
+    assert params["prune"].ratio == 0.2 and params["quantize"].mode == "mixed"
+    assert load_recipe("prune-int8").steps[-1].params.mode == "int8"  # the recipe is untouched
+    for key, value, message in [
+        ("quantise.mode", "mixed", "has no pass 'quantise'; did you mean 'quantize'"),
+        ("quantize.mdoe", "mixed", "unknown key 'mdoe'; did you mean 'mode'"),
+        ("quantize.mode", "int3", "mode 'int3' unknown"),
+        ("quantize", "int8", "is not 'pass.param'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe("int8").with_overrides({key: value})
+
+
+def test_cli_set_overrides_a_parameter(tmp_path):
+    done = edgec("build", str(EXAMPLES / "digits" / "model.toml"), "--no-profile",
+                 "--set", "quantize.scheme=u8s8-reduce-range", "--set", "quantize.batch=16",
+                 "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    [manifest] = (tmp_path / "local").glob("digits-cnn-*/manifest.json")
+    recipe = json.loads(manifest.read_text())["recipe"]
+    assert recipe[-1]["params"]["scheme"] == "u8s8-reduce-range"
+    assert recipe[-1]["params"]["batch"] == 16
+    bad = edgec("build", str(EXAMPLES / "digits" / "model.toml"), "--set", "quantize.batch")
+    assert bad.returncode == 2 and "PASS.PARAM=VALUE" in bad.stderr

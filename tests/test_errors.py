@@ -11,7 +11,7 @@ from edgec.config import load_toml
 from edgec.data import load_data_config, load_npz
 from edgec.errors import ConfigError, DataError, EdgecError, ModelError
 from edgec.model import import_factory, load_model_config, load_torch_model
-from edgec.pipeline import load_recipe
+from edgec.recipes import load_recipe
 from edgec.targets import load_target
 
 from .conftest import EXAMPLES, ROOT, shared_file

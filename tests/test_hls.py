@@ -20,10 +20,10 @@ from torch import fx, nn
 from edgec.accuracy import torch_logits
 from edgec.artifact import Artifact, LineageStep, read_manifest, sha256_file
 from edgec.backends.hls import fixed_point_type
+from edgec.batchnorm import fold_batchnorm
 from edgec.build import BuildRequest, build
 from edgec.data import load_data_config, preprocess
 from edgec.errors import PassError
-from edgec.passes.fuse import fold_batchnorm
 from edgec.passes.hls_rewrite import HlsRewriteParams, rewrite_for_hls
 from edgec.targets import load_target
 

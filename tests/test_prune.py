@@ -18,7 +18,8 @@ from edgec.data import load_data_config, preprocess
 from edgec.errors import BudgetError, ConfigError, EdgecError
 from edgec.passes.export import export_onnx
 from edgec.passes.prune import PruneParams, PrunePass, conv_widths, prune_channels, round_width
-from edgec.pipeline import Context, load_recipe
+from edgec.pipeline import Context
+from edgec.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,8 @@ from edgec.errors import BudgetError, ConfigError
 from edgec.passes.export import ExportParams, ExportPass
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass, weight_bytes
-from edgec.pipeline import Context, Pipeline, Step, load_recipe
+from edgec.pipeline import Context, Pipeline, Step
+from edgec.recipes import load_recipe
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent

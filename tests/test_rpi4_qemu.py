@@ -19,7 +19,8 @@ import torch
 from edgec.build import write_artifact
 from edgec.data import preprocess
 from edgec.devices import LocalDevice
-from edgec.pipeline import Context, load_recipe
+from edgec.pipeline import Context
+from edgec.recipes import load_recipe
 from edgec.targets import load_target
 from tests.conftest import ROOT, host_saturates
 

@@ -15,7 +15,8 @@ from edgec.build import pick_backend, write_artifact
 from edgec.data import preprocess
 from edgec.devices import LocalDevice
 from edgec.errors import CompileError, ConfigError, MissingExtraError
-from edgec.pipeline import Context, load_recipe
+from edgec.pipeline import Context
+from edgec.recipes import load_recipe
 from edgec.targets import load_target
 from tests.conftest import ROOT
 

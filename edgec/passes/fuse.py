@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edgec.artifact import Artifact
+from edgec.batchnorm import fold_batchnorm
 from edgec.errors import PassError
 from edgec.pipeline import Context, Step
 
@@ -60,29 +60,6 @@ class FusePass:
             report["ort_optimized"] = ort_fusion_summary(graph, ctx.input_spec, ctx.workdir)
         ctx.progress(f"fuse: folded {folded} BatchNorm layers")
         return artifact.derive("torch", graph, Step(self, params).lineage(report))
-
-
-def fold_batchnorm(graph: fx.GraphModule) -> int:
-    """Fold every BatchNorm2d whose only input is a Conv2d used nowhere else. Returns the count."""
-    modules = dict(graph.named_modules())
-    folded = 0
-    for node in list(graph.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], torch.nn.BatchNorm2d):
-            continue
-        conv_node = node.args[0]
-        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
-                and isinstance(modules[conv_node.target], torch.nn.Conv2d)
-                and len(conv_node.users) == 1):
-            continue
-        fused = fuse_conv_bn_eval(modules[conv_node.target].eval(), modules[node.target].eval())
-        _set_module(graph, conv_node.target, fused)
-        node.replace_all_uses_with(conv_node)
-        graph.graph.erase_node(node)
-        folded += 1
-    graph.graph.lint()
-    graph.delete_all_unused_submodules()
-    graph.recompile()
-    return folded
 
 
 def shortcuts_to_conv(graph: fx.GraphModule, input_spec) -> int:
@@ -209,9 +186,3 @@ def count_fusable(graph: fx.GraphModule) -> dict[str, int]:
             pairs["conv_relu"] += is_conv(source)
             pairs["add_relu"] += is_add(source)
     return pairs
-
-
-def _set_module(graph: fx.GraphModule, target: str, module: torch.nn.Module) -> None:
-    parent_name, _, leaf = target.rpartition(".")
-    parent = graph.get_submodule(parent_name) if parent_name else graph
-    setattr(parent, leaf, module)
