@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,7 +96,7 @@ class Measurement:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.samples_ms)
+        return runner.latency_summary(self.samples_ms)["mean_ms"]
 
     @property
     def ci95(self) -> float:
