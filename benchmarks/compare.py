@@ -51,7 +51,7 @@ from edgec.devices import LocalDevice  # noqa: E402
 from edgec.errors import EdgecError  # noqa: E402
 from edgec.measure import MeasureSpec  # noqa: E402
 from edgec.model import load_model_config, load_torch_model  # noqa: E402
-from edgec.passes.export import export_onnx  # noqa: E402
+from edgec.onnx_export import export_onnx  # noqa: E402
 from edgec.targets import load_target  # noqa: E402
 
 SPEC = MeasureSpec(warmup=50, repeat=300, min_time_s=2.0, threads=1)

@@ -8,6 +8,7 @@ import numpy as np
 
 from edgec.data import Dataset, preprocess
 from edgec.errors import PassError
+from edgec.runner import runner
 
 VIEWS = ("plain", "shifted")
 # One shifted draw of 5,000 images moves a pruned student's measured drop by a standard
@@ -103,12 +104,8 @@ def shifted(x, seed: int):
 
 
 def onnx_logits(path, dataset: Dataset, spec, batch: int = 500, threads: int = 2) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """Logits of the ONNX file ``path`` on ``dataset`` (ONNX Runtime on this host)."""
+    session = runner.ort_session(path, threads)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: preprocess(dataset.images[i:i + batch], spec)})[0]
                            for i in range(0, len(dataset), batch)])

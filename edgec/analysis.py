@@ -4,6 +4,10 @@ The efficiency gap (On the Efficiency of CNNs): latency = MACs / (efficiency × 
 convolution / matrix multiply we count MACs and the bytes it must move (input activation, weights,
 output activation at the element size of the precision), and, with ONNX Runtime's profiler, the
 time it took: achieved GMAC/s and its fraction of the target's peak.
+
+The one place MACs are counted (passes and benchmarks use it): multiply-accumulates of
+convolutions and fully connected layers only, so that a torch model and its ONNX graph count
+alike, with BatchNorm folded or not.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgec.runner import runner
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 
@@ -41,41 +47,61 @@ def conv_macs(out_shape, in_channels: int, groups: int, kernel: tuple[int, ...])
     return int(math.prod(out_shape) * (in_channels // groups) * math.prod(kernel))
 
 
-def torch_layer_costs(model, input_spec) -> list[LayerCost]:
-    """Costs of every Conv2d and Linear of ``model`` for one sample, in execution order."""
+def layer_costs(model, x) -> tuple[list[LayerCost], Any]:
+    """Costs of every Conv2d and Linear of ``model`` for the first sample of ``x``, in execution
+    order, and the model's output on that sample (run in the mode the model is in, without
+    gradients)."""
     import torch
 
     costs: list[LayerCost] = []
 
     def hook(name):
         def record(module, inputs, output):
-            x = inputs[0]
             out_shape = tuple(output.shape[1:])
             if isinstance(module, torch.nn.Conv2d):
                 macs = conv_macs(out_shape, module.in_channels, module.groups, module.kernel_size)
             else:
                 macs = int(math.prod(out_shape) * module.in_features)
             costs.append(LayerCost(name, type(module).__name__, macs, module.weight.numel(),
-                                   int(x[0].numel()), int(math.prod(out_shape))))
+                                   int(inputs[0][0].numel()), int(math.prod(out_shape))))
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Conv2d | torch.nn.Linear)]
     try:
         with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model(torch.zeros((1, *input_spec.shape), dtype=getattr(torch, input_spec.dtype)))
-            model.train(was_training)
+            output = model(x[:1])
     finally:
         for handle in handles:
             handle.remove()
-    return costs
+    return costs, output
+
+
+def torch_layer_costs(model, input_spec) -> list[LayerCost]:
+    """Costs of every Conv2d and Linear of ``model`` in eval mode for one sample of
+    ``input_spec`` (zeros), in execution order; the model's mode is restored."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        return layer_costs(model, torch.zeros((1, *input_spec.shape),
+                                              dtype=getattr(torch, input_spec.dtype)))[0]
+    finally:
+        model.train(was_training)
 
 
 def total_macs(model, input_spec) -> int:
     """Multiply-accumulates of one forward pass of one sample (convolutions and linears)."""
     return sum(cost.macs for cost in torch_layer_costs(model, input_spec))
+
+
+def count_macs(model, x) -> tuple[int, Any]:
+    """Multiply-accumulates of ``model`` on the first sample of ``x`` (convolutions and linears,
+    as :func:`layer_costs` counts them), and its output there: MACs of chained pieces (e.g.
+    early-exit segments), each fed the one before's output."""
+    costs, output = layer_costs(model, x)
+    return sum(cost.macs for cost in costs), output
 
 
 def onnx_layer_costs(path: str | Path) -> list[LayerCost]:
@@ -128,16 +154,8 @@ def profile_node_times(path: str | Path, input_shape: tuple[int, ...], runs: int
     Node names are those of ORT's optimised graph (fused nodes keep a name derived from one
     of the nodes they replaced).
     """
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="edgec-profile-") as scratch:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(scratch) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = runner.ort_session(path, threads, profile_prefix=Path(scratch) / "ort")
         name = session.get_inputs()[0].name
         x = np.random.default_rng(seed).standard_normal((1, *input_shape)).astype(np.float32)
         for _ in range(runs):
@@ -155,7 +173,6 @@ def _tensor_shapes(model) -> dict[str, list[int]]:
     """Shape of every tensor at batch 1, by running the graph once with every output exposed
     (static shape inference cannot follow the Pad/Slice arithmetic of exported shortcuts)."""
     import onnx
-    import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -163,11 +180,7 @@ def _tensor_shapes(model) -> dict[str, list[int]]:
     for node in probe.graph.node:
         probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in node.output
                                   if t and t not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = runner.ort_session(probe.SerializeToString(), 1, optimization="disable")
     feeds = {}
     for tensor in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in tensor.shape]

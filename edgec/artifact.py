@@ -19,11 +19,15 @@ STAGES = ("torch", "onnx", "build")
 
 @dataclass(frozen=True)
 class LineageStep:
-    """One pass applied to an artifact: its name, params and what it reported."""
+    """One pass applied to an artifact: its name, params and what it reported; ``cache`` says
+    whether this build ran it ("run"), took it from the step cache ("hit") or re-ran a pass
+    whose output the cache does not keep ("re-run"); it is not part of the artifact's
+    identity."""
 
     pass_name: str
     params: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    cache: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "params": self.params, "report": self.report}

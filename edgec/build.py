@@ -6,21 +6,23 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgec import __version__
+from edgec import __version__, step_outputs
 from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact, atomic_directory, content_hash, sha256_file, write_json
 from edgec.backends import BACKENDS
+from edgec.budget import BudgetSpec, Ledger
+from edgec.cache import Cache, dataset_identity, digest, library_versions
 from edgec.cpu import CpuInfo, host_cpu, target_cpu
 from edgec.data import Dataset, load_data_config
 from edgec.devices import LocalDevice, open_device
 from edgec.errors import CompileError, ConfigError, ModelError
-from edgec.measure import MeasureSpec
+from edgec.measure import Measurement, MeasureSpec
 from edgec.model import ModelConfig, load_model_config, load_torch_model
 from edgec.passes.export import ExportParams, ExportPass
 from edgec.pipeline import Context, Pipeline, Step
@@ -48,6 +50,8 @@ class BuildRequest:
     backend: str | None = None  # one of the target's backends instead of its first that fits
     tune: int = 0  # MetaSchedule trial budget for the tvm backend (0: untuned)
     overrides: dict[str, Any] = field(default_factory=dict)  # {"prune.ratio": 0.2}: see --set
+    budget: float | None = None  # top-1 points the build may lose (None: the recipe's [budget])
+    cache: bool = True  # look steps, evaluations and measurements up in the cache (edgec.cache)
 
 
 DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
@@ -76,13 +80,13 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     calibration, evaluation = _load_data(config, request.data)
     progress(f"loading model {config.name}")
     source = _load_source(config)
-    float_top1 = None
-    if source.stage == "torch":
-        def counted(done: int, total: int) -> None:
-            progress(f"evaluating the float model: {done:,} / {total:,} images")
-
-        float_top1 = top1(torch_logits(source.payload, evaluation, config.input,
-                                       on_batch=counted), evaluation.labels)
+    cache = Cache(enabled=request.cache)
+    float_top1 = _float_top1(source, evaluation, config, cache, progress)
+    budget = budget_spec(pipeline, request.budget)
+    ledger = None
+    if budget is not None:
+        calibration, ledger = _ledger(budget, calibration, source, config, cache, pipeline,
+                                      progress)
     device, profiler = LocalDevice(), open_device(request.device)
     try:
         cpu = runs_on_cpu(target, profiler)
@@ -91,7 +95,7 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
             scratch = Path(scratch)
             ctx = Context(target, config.input, calibration, scratch, baseline=source.payload,
                           evaluation=evaluation, progress=progress, cpu=cpu,
-                          backend=request.backend)
+                          backend=request.backend, device=profiler, cache=cache, ledger=ledger)
             built = pipeline.run(source, ctx,
                                  lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
             eval_npz = scratch / "evaluation.npz"
@@ -100,14 +104,54 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
                                        request)
             directory, manifest, rows = _write_build(built, config, target, pipeline, request,
                                                      eval_npz, device, reference, progress,
-                                                     profiler, cpu)
+                                                     profiler, cpu, ctx)
     finally:
         getattr(profiler, "close", lambda: None)()
     latency = rows[0].latency
-    if latency and request.device != "local":
+    if latency and request.device != "local" and not latency.extra.get("from_cache"):
         ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, latency)
     return BuildResult(directory, manifest, (reference, *rows),
                        tuple(manifest.get("warnings", ())))
+
+
+def budget_spec(pipeline: Pipeline, points: float | None) -> BudgetSpec | None:
+    """The build's accuracy budget: the recipe's ``[budget]`` with ``--budget`` as its points."""
+    if points is None:
+        return pipeline.budget
+    return replace(pipeline.budget, points=points) if pipeline.budget else BudgetSpec(points)
+
+
+def _float_top1(source: Artifact, evaluation: Dataset, config: ModelConfig, cache: Cache,
+                progress) -> float | None:
+    """The float model's top-1 on the evaluation split (PyTorch; cached)."""
+    if source.stage != "torch":
+        return None
+
+    def counted(done: int, total: int) -> None:
+        progress(f"evaluating the float model: {done:,} / {total:,} images")
+
+    document = {"what": "torch top-1", "model": step_outputs.source_key(source),
+                "data": dataset_identity(evaluation), "versions": library_versions()}
+    return cache.remember("evaluations", document, lambda: top1(
+        torch_logits(source.payload, evaluation, config.input, on_batch=counted),
+        evaluation.labels))
+
+
+def _ledger(spec: BudgetSpec, calibration: Dataset, source: Artifact, config: ModelConfig,
+            cache: Cache, pipeline: Pipeline, progress) -> tuple[Dataset, Ledger]:
+    """(the calibration images the passes may use, the ledger measuring on the rest)."""
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("an accuracy budget needs calibration data to measure on; give --data "
+                          "with a [calibration] split or drop --budget / [budget]")
+    usable, holdout = spec.split(calibration)
+    ledger = Ledger(spec, holdout, config.input, float("nan"),
+                    steps=[step.pass_.name for step in pipeline.steps])
+    progress(f"accuracy budget: measuring the float model on {holdout.origin} ({spec.view})")
+    document = {"what": "ledger reference", "model": step_outputs.source_key(source),
+                "holdout": dataset_identity(holdout), "view": spec.view,
+                "versions": library_versions()}
+    ledger.reference_top1 = cache.remember("evaluations", document, lambda: ledger.top1(source))
+    return usable, ledger
 
 
 def runs_on_cpu(target: Target, device) -> CpuInfo:
@@ -189,7 +233,8 @@ def write_artifact(artifact: Artifact, config: ModelConfig, target: Target, reci
         "format": 1, "name": config.name, "hash": content_hash(files, identity),
         "target": target.to_json(), "entry": entry, "input": config.input.to_json(),
         "num_classes": config.num_classes, "files": files, "recipe": recipe,
-        "lineage": [step.to_json() for step in artifact.lineage],
+        "lineage": [{**step.to_json(), **({"cache": step.cache} if step.cache else {})}
+                    for step in artifact.lineage],
         "versions": {"edgec": __version__, "python": platform.python_version(),
                      **_torch_version(), **backend.versions()},
         "size_bytes": sum((directory / name).stat().st_size for name in entry["files"]),
@@ -214,13 +259,15 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     top1_on = f"{_where('local', target)}, PyTorch" if float_top1 is not None else ""
     if source.stage != "torch" or not request.profile or not takes_onnx:
         return Row("fp32", float_top1 or float("nan"), 0, None, top1_on)
-    exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(source, ctx)
+    exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(
+        source, replace(ctx, ledger=None))
     directory = ctx.workdir / "fp32-reference"
     directory.mkdir()
     config = ModelConfig(name="fp32", input=ctx.input_spec, factory="-")
     manifest = write_artifact(exported, config, target, [], directory)
-    return Row("fp32", float_top1, manifest["size_bytes"], device.measure(directory, request.measure),
-               top1_on, _where(device.name, target))
+    latency = cached_measure(ctx.cache, device, directory, request.measure, manifest, ctx.cpu)
+    return Row("fp32", float_top1, manifest["size_bytes"], latency, top1_on,
+               _where(device.name, target))
 
 
 def _measure_spec(spec: MeasureSpec, manifest: dict[str, Any], eval_npz: Path,
@@ -233,7 +280,7 @@ def _measure_spec(spec: MeasureSpec, manifest: dict[str, Any], eval_npz: Path,
 
 
 def _write_build(built, config, target, pipeline, request, eval_npz, device, reference, progress,
-                 profiler, cpu):
+                 profiler, cpu, ctx):
     """Compile, evaluate (here and on the device), profile and report, into the final directory
     (atomically); returns it, the manifest and the built rows (host first)."""
     staging = Path(tempfile.mkdtemp(prefix="edgec-stage-"))
@@ -241,6 +288,8 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
         manifest = write_artifact(built, config, target, pipeline.config(), staging,
                                   request.backend, {"tune_trials": request.tune} if request.tune
                                   else None, cpu)
+        if ctx.ledger is not None:
+            manifest["budget"] = ctx.ledger.to_json()
         final = Path(request.out) / target.name / f"{config.name}-{manifest['hash'][:12]}"
         with atomic_directory(final) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
@@ -248,8 +297,8 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
             count = manifest["entry"].get("eval_count", 0)  # hls4ml's C simulation is slow
             if on_host:
                 progress("evaluating the artifact with its own runner")
-                manifest["accuracy"] = accuracy_record(device.evaluate(tmp, str(eval_npz),
-                                                                       count=count), "local")
+                manifest["accuracy"] = accuracy_record(
+                    cached_evaluate(ctx.cache, device, tmp, eval_npz, count, manifest), "local")
             else:  # e.g. a TVM aarch64 .so: only the board (or its emulation) can run it
                 manifest["accuracy"] = {"skipped": f"{target.isa} code does not run on this host;"
                                                    f" evaluate it on the board (--device)"}
@@ -263,8 +312,8 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
             latency = None
             if request.profile and (on_host or request.device != "local"):
                 progress(f"profiling on {profiler.name}")
-                latency = profiler.measure(tmp, _measure_spec(request.measure, manifest, eval_npz,
-                                                                 request.device))
+                latency = cached_measure(ctx.cache, profiler, tmp, _measure_spec(
+                    request.measure, manifest, eval_npz, request.device), manifest, cpu)
                 # summaries only: a board's samples go to the profile database (ProfileDB)
                 write_json(tmp / "profile.json", {"device": profiler.name, **latency.summary()})
             rows = _built_rows(manifest, pipeline, latency, profiler.name, eval_npz, target)
@@ -277,6 +326,35 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, manifest, rows
+
+
+def cached_evaluate(cache: Cache, device, artifact: Path, eval_npz: Path, count: int,
+                    manifest: dict[str, Any]) -> dict[str, Any]:
+    """``device.evaluate`` keyed by the artifact's files, the data and the device's CPU."""
+    document = {"what": "runner eval", "files": manifest["files"], "entry": manifest["entry"],
+                "data": sha256_file(eval_npz), "count": count, "device": device.name,
+                "cpu": host_cpu().to_json() if device.name == "local" else None}
+    return cache.remember("evaluations", document,
+                          lambda: device.evaluate(artifact, str(eval_npz), count=count))
+
+
+def cached_measure(cache: Cache, device, artifact: Path, spec: MeasureSpec,
+                   manifest: dict[str, Any], cpu: CpuInfo | None) -> Measurement:
+    """``device.measure`` keyed by the artifact's files, the device (its CPU), the
+    MeasureSpec (its data by content) and the runtime versions; a cached one says so in
+    ``extra['from_cache']``."""
+    data = sha256_file(Path(spec.data)) if spec.data else ""
+    document = {"what": "measure", "files": manifest["files"], "entry": manifest["entry"],
+                "device": device.name, "spec": {**asdict(spec), "data": data},
+                "cpu": host_cpu().to_json() if device.name == "local" else
+                (cpu.to_json() if cpu else None), "versions": manifest["versions"]}
+    key = digest(document)
+    stored = cache.load_json("measurements", key)
+    if stored is not None:
+        return Measurement.from_json(stored, from_cache=True)
+    measurement = device.measure(artifact, spec)
+    cache.store_json("measurements", key, measurement.to_json())
+    return measurement
 
 
 def accuracy_record(result: dict[str, Any], device: str) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class ModelViews:
     def _onnx(self) -> Counter:
         import onnx
 
-        from edgec.passes.export import export_onnx
+        from edgec.onnx_export import export_onnx
 
         proto = onnx.load_from_string(export_onnx(self.model, self.input_spec))
         return Counter(node.op_type for node in proto.graph.node)
@@ -136,7 +136,7 @@ class ModelViews:
         import onnx
 
         from edgec.backends.tvm import static_onnx
-        from edgec.passes.export import export_onnx
+        from edgec.onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory(prefix="edgec-check-") as tmp:
             path = Path(tmp) / "model.onnx"

@@ -8,6 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgec.cli_cache import cache_app
+from edgec.cli_devices import devices_app, profile
+from edgec.cli_space import space
 from edgec.errors import EdgecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -56,6 +59,10 @@ def build(
     tune: int = typer.Option(0, help="MetaSchedule trials for the tvm backend (0: untuned)"),
     set_: list[str] = typer.Option(None, "--set", help="override a recipe parameter: "
                                    "PASS.PARAM=VALUE (TOML value), e.g. --set quantize.mode=mixed"),
+    budget: float = typer.Option(None, help="top-1 points the whole build may lose against the "
+                                            "float model (default: the recipe's [budget])"),
+    cache: bool = typer.Option(True, help="reuse cached steps, evaluations and measurements "
+                                          "(see `edgec cache info`)"),
 ):
     """Run the recipe's passes, compile for TARGET, evaluate and profile; print the table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -68,11 +75,12 @@ def build(
         request = BuildRequest(model, target, recipe, data, out,
                                MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
                                profile, device=device, eval_count=eval_count, backend=backend,
-                               tune=tune, overrides=parse_overrides(set_ or []))
+                               tune=tune, overrides=parse_overrides(set_ or []), budget=budget,
+                               cache=cache)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("building", total=None)
-            result = run_build(request, lambda message: bar.update(task, description=message))
+            result = run_build(request, lambda message: _progress(bar, task, message))
     except EdgecError as exc:
         _fail(exc)
     from edgec.report import report_notes
@@ -81,6 +89,13 @@ def build(
     for line in report_notes(result.manifest):
         console.print(line, highlight=False, markup=False)
     console.print(f"artifact: {result.directory}")
+
+
+def _progress(bar, task, message: str) -> None:
+    """Step outcomes (ran, cache hit, budget spent) stay on screen; the rest is the spinner."""
+    if message.startswith("pass "):
+        bar.console.print(message, highlight=False, markup=False)
+    bar.update(task, description=message)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -172,10 +187,10 @@ def check(
     console.print(render_check(report), highlight=False, markup=False, soft_wrap=True)
 
 
-from edgec.cli_devices import devices_app, profile  # noqa: E402  (after the commands above)
-
 app.add_typer(devices_app, name="devices")
+app.add_typer(cache_app, name="cache")
 app.command("profile")(profile)
+app.command("space")(space)
 
 
 def main() -> None:

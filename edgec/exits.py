@@ -1,15 +1,15 @@
-"""Early-exit building blocks: cut a traced model into stages, exit heads, their training,
-the threshold choice under an accuracy budget, and MAC counting.
+"""Early-exit building blocks: exit heads, the model with its heads, the heads' training and
+the threshold choice under an accuracy budget.
 
-Used by the ``early_exit`` pass; the ONNX side (stage graphs, the cascade) lives in
-``edgec.backends.cascade``.
+Used by the ``early_exit`` pass. Cutting the model into segments and the ONNX graph into stage
+graphs lives in ``edgec.stages``; MACs are counted by ``edgec.analysis``, the ONNX export by
+``edgec.onnx_export``.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import warnings
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,104 +17,9 @@ import torch
 from torch import fx, nn
 
 from edgec.errors import PassError
-from edgec.train import distillation_loss
+from edgec.train import OptimizerSpec, distillation_loss, fit
 
 HEAD_KINDS = ("linear", "mlp", "conv")
-
-
-# ---------------------------------------------------------------- cutting a model into stages
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The model as an FX graph whose nodes remember their module path (``nn_module_stack``)."""
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:
-        raise PassError(f"early_exit needs an FX-traceable model: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]}") from exc
-
-
-def _module_paths(node: fx.Node) -> set[str]:
-    paths = set(node.meta.get("nn_module_stack", {}))
-    if node.op == "call_module":
-        paths.add(str(node.target))
-    return paths
-
-
-def auto_points(graph: fx.GraphModule) -> list[str]:
-    """Every block of every top-level ``nn.Sequential`` stage, in execution order, except the
-    model's last block: the candidate exit points ``after = 'auto'`` chooses from."""
-    stages, blocks = set(), []  # module types come from the trace's meta: a GraphModule keeps
-    for node in graph.graph.nodes:  # leaf modules, not their containers
-        for path, kind in node.meta.get("nn_module_stack", {}).values():
-            if "." not in path and isinstance(kind, type) and issubclass(kind, nn.Sequential):
-                stages.add(path)
-            parent = path.rsplit(".", 1)[0]
-            if path.count(".") == 1 and parent in stages and path not in blocks:
-                blocks.append(path)
-    if len(blocks) < 2:
-        raise PassError(f"after = 'auto' found {len(blocks)} blocks in nn.Sequential stages; "
-                        f"name the blocks to exit after, e.g. after = [\"layer1.2\"]")
-    return blocks[:-1]
-
-
-def boundary_index(nodes: list[fx.Node], name: str) -> int:
-    """Index of the last node that belongs to module ``name`` (the block's output)."""
-    hits = [i for i, node in enumerate(nodes) if any(p == name or p.startswith(name + ".")
-                                                     for p in _module_paths(node))]
-    if not hits:
-        known = sorted({p for n in nodes for p in _module_paths(n)})
-        raise PassError(f"exit point {name!r} is no module of the model; known: "
-                        f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
-    return hits[-1]
-
-
-def split_segments(graph: fx.GraphModule, points: list[str]) -> list[fx.GraphModule]:
-    """Cut ``graph`` after each module of ``points`` into len(points) + 1 chained segments."""
-    nodes = list(graph.graph.nodes)
-    cuts = [boundary_index(nodes, name) for name in points]
-    if cuts != sorted(set(cuts)):
-        raise PassError(f"exit points {list(points)} are not in execution order; list them in "
-                        f"the order the model runs them")
-    output = next(n for n in nodes if n.op == "output")
-    starts = [0, *[c + 1 for c in cuts]]
-    ends = [*cuts, nodes.index(output)]
-    segments = []
-    for k, (start, end) in enumerate(zip(starts, ends)):
-        source = nodes[cuts[k - 1]] if k else next(n for n in nodes if n.op == "placeholder")
-        last = output if end == nodes.index(output) else nodes[end]
-        where = points[k - 1] if k else "the input"
-        segments.append(_segment(graph, source, nodes[start:end + 1], last, where))
-    return segments
-
-
-def _segment(graph, source, body, last, where) -> fx.GraphModule:
-    new = fx.Graph()
-    env = {source: new.placeholder("x")}
-
-    def lookup(node):
-        if node in env:
-            return env[node]
-        if node.op == "get_attr":
-            env[node] = new.node_copy(node)
-            return env[node]
-        raise PassError(f"cannot cut after {where}: {node.name!r} from before the cut is used "
-                        f"after it (a skip connection crosses it); exit after another block")
-
-    for node in body:
-        if node.op in ("placeholder", "output") or node is source:
-            continue
-        if node.op == "get_attr" and node not in env:
-            env[node] = new.node_copy(node)
-            continue
-        env[node] = new.node_copy(node, lookup)
-    if last.op == "output":
-        new.output(fx.node.map_arg(last.args[0], lookup))
-    else:
-        new.output(lookup(last))
-    module = fx.GraphModule(graph, new)
-    module.graph.lint()
-    return module
 
 
 # ---------------------------------------------------------------------------- exit heads
@@ -222,26 +127,9 @@ class ExitLogits(nn.Module):
         return self.model(x)[:len(self.model.heads) + 1]
 
 
-def export_exit_model(model: ExitModel, input_shape: tuple[int, ...], opset: int = 17) -> bytes:
-    """ONNX bytes of ``model`` with named outputs and a dynamic batch dimension."""
-    names = model.output_names()
-    axes = {name: {0: "batch"} for name in ["input", *names]}
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (torch.zeros((1, *input_shape)),), buffer,
-                              dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=names, dynamic_axes=axes)
-    except Exception as exc:
-        raise PassError(f"exporting the early-exit model failed: {type(exc).__name__}: {exc}") \
-            from exc
-    return buffer.getvalue()
-
-
 def head_node_names(model) -> list[str]:
-    """Names of the exit heads' nodes in an ONNX graph from :func:`export_exit_model` (the
-    exporter names them after ``ExitModel.heads``). ``quantize`` leaves them in float: at these
+    """Names of the exit heads' nodes in the ONNX graph of an :class:`ExitModel` (the exporter
+    names them after ``ExitModel.heads``). ``quantize`` leaves them in float: at these
     sizes an int8 head's quantize/dequantize steps cost more than its arithmetic (ResNet-56,
     heads after layer3.1/3.4/3.6: 0.019–0.024 ms in int8, 0.011–0.014 in float)."""
     return [node.name for node in model.graph.node if node.name.startswith("/heads.")]
@@ -260,34 +148,37 @@ class TrainSettings:
     seed: int = 0
 
 
-def distill_loss(logits, teacher, labels, settings: TrainSettings):
-    return distillation_loss(logits, teacher, labels, settings.temperature, settings.alpha)
-
-
 def train_head(head: nn.Module, features: np.ndarray, teacher: np.ndarray, labels: np.ndarray,
                settings: TrainSettings) -> nn.Module:
-    """Train ``head`` on cached (frozen-backbone) features; deterministic for a seed."""
-    torch.manual_seed(settings.seed)
+    """Train ``head`` on cached (frozen-backbone) features, distilling from the ``teacher``
+    logits: :func:`edgec.train.fit` with Adam (weight decay 1e-4) on a one-cycle schedule;
+    deterministic for a seed."""
     order = torch.Generator().manual_seed(settings.seed)
-    x_all = torch.from_numpy(features)
-    t_all = torch.from_numpy(teacher.astype(np.float32))
-    y_all = torch.from_numpy(labels.astype(np.int64))
-    steps = settings.epochs * ((len(labels) + settings.batch - 1) // settings.batch)
-    optimizer = torch.optim.Adam(head.parameters(), settings.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps)
-    head.train()
-    for _ in range(settings.epochs):
+    batches = _feature_batches(torch.from_numpy(features),
+                               torch.from_numpy(teacher.astype(np.float32)),
+                               torch.from_numpy(labels.astype(np.int64)), settings.batch, order)
+
+    def loss(batch):
+        x, soft, hard = batch
+        return distillation_loss(head(x), soft, hard, settings.temperature, settings.alpha)
+
+    steps = settings.epochs * math.ceil(len(labels) / settings.batch)
+    fit(head, batches, loss, OptimizerSpec("adam-one-cycle", settings.lr, 1e-4), steps,
+        epoch_size=len(labels), seed=settings.seed)
+    return head
+
+
+def _feature_batches(features: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                     batch: int, order: torch.Generator):
+    """Endless epochs of (features, teacher logits, labels), reshuffled by ``order`` every
+    epoch; each feature map flipped horizontally at random (cheap augmentation)."""
+    while True:
         perm = torch.randperm(len(labels), generator=order)
         flips = torch.rand(len(perm), generator=order) < 0.5
-        for batch in perm.split(settings.batch):
-            x = x_all[batch].float()
-            x = torch.where(flips[batch].view(-1, 1, 1, 1), x.flip(3), x)  # cheap augmentation
-            loss = distill_loss(head(x), t_all[batch], y_all[batch], settings)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return head.eval()
+        for index in perm.split(batch):
+            x = features[index].float()
+            x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(3), x)
+            yield x, teacher[index], labels[index]
 
 
 # ---------------------------------------------------------------------------- thresholds
@@ -426,26 +317,3 @@ def _candidate_thresholds(conf: np.ndarray, count: int) -> list[float]:
     picks = np.unique(np.quantile(mids, np.linspace(0.0, 1.0, count), method="nearest"))
     return [float(t) for t in picks] + [2.0]
 
-
-# ---------------------------------------------------------------------------- MACs
-def count_macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """Multiply-accumulates of Conv2d and Linear layers for one sample, and the output."""
-    total = 0
-
-    def hook(layer, inputs, output):
-        nonlocal total
-        if isinstance(layer, nn.Conv2d):
-            per_out = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-            total += output[0].numel() * per_out
-        elif isinstance(layer, nn.Linear):
-            total += layer.in_features * layer.out_features
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
-    try:
-        with torch.no_grad():
-            out = module(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total, out

@@ -111,6 +111,13 @@ class Measurement:
         return {**asdict(self), "samples_ms": list(self.samples_ms), "summary": self.summary()}
 
     @classmethod
+    def from_json(cls, data: dict[str, Any], from_cache: bool = False) -> Measurement:
+        """The inverse of :meth:`to_json`; ``from_cache`` marks it in ``extra``."""
+        extra = {**data.get("extra", {}), **({"from_cache": True} if from_cache else {})}
+        return cls(tuple(data["samples_ms"]), data["peak_rss_mb"], data.get("runtime", {}),
+                   tuple(data.get("warnings", ())), extra)
+
+    @classmethod
     def from_runner(cls, result: dict[str, Any], warnings: tuple[str, ...] = ()) -> Measurement:
         extra = {k: v for k, v in result.items()
                  if k not in ("samples_ms", "peak_rss_mb", "runtime", "mode", "artifact",

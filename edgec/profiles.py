@@ -12,16 +12,14 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from edgec.devices.inventory import NAME_RE
 from edgec.errors import ConfigError, MeasureError
 from edgec.measure import Measurement, MeasureSpec
-
-DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def config_hash(manifest: dict[str, Any], spec: MeasureSpec) -> str:
@@ -41,7 +39,7 @@ class ProfileDB:
     def record(self, device: str, manifest: dict[str, Any], spec: MeasureSpec,
                measurement: Measurement) -> Path:
         """Append one measurement; returns the file it went to."""
-        if not DEVICE_RE.match(device):
+        if not NAME_RE.match(device):
             raise ConfigError(f"device name {device!r} is not a safe folder name")
         samples = measurement.samples_ms
         if not samples or not all(math.isfinite(s) and s >= 0 for s in samples):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgec.budget import BudgetSpec
 from edgec.config import check_keys, from_dict, load_toml, suggest
 from edgec.errors import ConfigError
 from edgec.passes import PASSES
@@ -37,7 +38,7 @@ def load_recipe(path: str | Path, registry: dict[str, Any] | None = None) -> Pip
     registry = registry or PASSES
     path = resolve_recipe(path)
     raw = load_toml(path)
-    check_keys(raw, ["name", "description", "step", "search"], str(path))
+    check_keys(raw, ["name", "description", "step", "search", "budget"], str(path))
     steps = []
     for i, table in enumerate(raw.get("step", [])):
         where = f"{path} step {i + 1}"
@@ -50,4 +51,44 @@ def load_recipe(path: str | Path, registry: dict[str, Any] | None = None) -> Pip
         steps.append(Step(pass_, from_dict(pass_.Params, table, f"{where} ({name})")))
     if not steps:
         raise ConfigError(f"{path}: recipe has no [[step]]; add at least one pass")
-    return Pipeline(steps, name=raw.get("name", path.stem))
+    budget = recipe_budget(raw, path)
+    names = [step.pass_.name for step in steps]
+    for name in budget.reserve if budget else ():
+        if name not in names:
+            raise ConfigError(f"{path} [budget] reserve names {name!r}, which the recipe does "
+                              f"not run; {suggest(name, names, 'its passes')}")
+    return Pipeline(steps, name=raw.get("name", path.stem), budget=budget)
+
+
+def recipe_budget(raw: dict[str, Any], path: Path) -> BudgetSpec | None:
+    """A recipe's ``budget = POINTS`` or ``[budget]`` table (points, view, holdout, reserve)."""
+    value = raw.get("budget")
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return BudgetSpec(float(value))
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: budget must be a number of top-1 points or a [budget] "
+                          f"table, got {value!r}")
+    return from_dict(BudgetSpec, value, f"{path} [budget]")
+
+
+def recipe_search(path: str | Path) -> dict[str, Any]:
+    """A recipe's ``[search]`` table, flat: ``{"pass.param": [values] | {low = …, high = …}}``.
+
+    Keys may be quoted (``"prune.ratio" = [0.1, 0.2]``) or dotted (``prune.ratio = …``, which TOML
+    reads as one table per pass); :func:`edgec.search.space.pipeline_space` checks the names and
+    the ranges against what the passes declare.
+    """
+    path = resolve_recipe(path)
+    table = load_toml(path).get("search", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: search must be a [search] table of \"pass.param\" = [values] "
+                          f"or {{low = …, high = …}}, got {table!r}")
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if "." not in key and isinstance(value, dict):
+            flat.update({f"{key}.{param}": spec for param, spec in value.items()})
+        else:
+            flat[key] = value
+    return flat

@@ -1,7 +1,9 @@
-"""Short fine-tuning by knowledge distillation from a teacher, under an epoch and a time budget.
+"""Training: one loop (:func:`fit`) for every pass that trains, and distillation on top of it.
 
-Used by passes that change a trained model (prune, early_exit) to recover accuracy on the
-training split. Generic: any student/teacher pair with the same logits, any Dataset.
+``fit`` steps any model over any batches with any loss, under a step and a time limit. The
+passes that change a trained model (prune, early_exit) recover accuracy on the training split
+with :func:`distill` (``fit`` over images, distilling from a teacher); the early-exit heads
+train with ``fit`` on cached features (``edgec.exits.train_head``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +23,13 @@ from edgec.config import check_choice
 from edgec.data import AUGMENTS, Dataset, preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("sgd-cosine", "adam-one-cycle")
 UNLABELLED = -100  # a sample distilled from the teacher only
 
 
 @dataclass(frozen=True)
-class DistillResult:
-    """What a fine-tune did: steps, images seen, epochs (fractional), seconds, final loss."""
+class TrainResult:
+    """What a training run did: steps, images seen, epochs (fractional), seconds, final loss."""
 
     steps: int
     images: int
@@ -39,6 +42,101 @@ class DistillResult:
         return {"steps": self.steps, "images": self.images, "epochs": round(self.epochs, 3),
                 "seconds": round(self.seconds, 1), "loss": round(self.loss, 4),
                 "stopped_by": self.stopped_by}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How the parameters move. ``kind``: "sgd-cosine" (SGD, momentum 0.9, Nesterov; the
+    learning rate falls on a cosine to zero when the steps or the time run out, whichever
+    first) or "adam-one-cycle" (Adam with torch's one-cycle schedule over the steps)."""
+
+    kind: str = "sgd-cosine"
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+
+    def __post_init__(self):
+        check_choice("optimizer", self.kind, OPTIMIZERS)
+
+
+class _Schedule:
+    """An optimizer and its learning rate over one run."""
+
+    def __init__(self, spec: OptimizerSpec, parameters: list[torch.nn.Parameter], steps: int):
+        self.spec, self.one_cycle = spec, None
+        if spec.kind == "sgd-cosine":
+            self.optimizer = torch.optim.SGD(parameters, lr=spec.lr, momentum=0.9,
+                                             weight_decay=spec.weight_decay, nesterov=True)
+        else:
+            self.optimizer = torch.optim.Adam(parameters, spec.lr, weight_decay=spec.weight_decay)
+            self.one_cycle = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, spec.lr,
+                                                                 total_steps=steps)
+
+    def before_step(self, done: float) -> None:
+        """``done``: the fraction of the run spent (steps or time, whichever is further)."""
+        if self.one_cycle is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.spec.lr * 0.5 * (1 + math.cos(math.pi * done))
+
+    def after_step(self) -> None:
+        if self.one_cycle is not None:
+            self.one_cycle.step()
+
+
+def fit(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
+        loss_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], optimizer: OptimizerSpec,
+        steps: int, epoch_size: int, time_budget_s: float = math.inf, seed: int = 0,
+        parameters: list[torch.nn.Parameter] | None = None, max_grad_norm: float | None = None,
+        after_step: Callable[[], None] | None = None,
+        progress: bool | Callable[[str], None] = False) -> TrainResult:
+    """Train ``model`` (in place) for ``steps`` optimizer steps or ``time_budget_s``, whichever
+    runs out first; returns it to eval mode.
+
+    ``batches`` yields tuples whose first element holds the step's images (counted against
+    ``epoch_size``, the images of one epoch); it must last ``steps`` batches and is read one
+    batch per step, so a generator that draws random numbers draws them in the same order
+    whatever stops the run.
+    ``loss_fn(batch)`` computes the loss. ``parameters`` restricts training (default: all of
+    the model's); ``max_grad_norm`` clips the gradient norm of all of them; ``after_step``
+    runs after every optimizer step (e.g. to re-apply a sparsity mask). ``progress``: True
+    for a rich progress bar, a callable for one-line messages, or False.
+    """
+    torch.manual_seed(seed)
+    schedule = _Schedule(optimizer, list(model.parameters()) if parameters is None else parameters,
+                         steps)
+    model.train()
+    batches = iter(batches)
+    started = time.perf_counter()
+    step, images, loss, stopped_by = 0, 0, float("nan"), "epochs"
+    with _Progress(progress, steps) as bar:
+        while step < steps:
+            elapsed = time.perf_counter() - started
+            if elapsed >= time_budget_s:
+                stopped_by = "time"
+                break
+            done = max(step / steps, elapsed / time_budget_s)
+            schedule.before_step(done)
+            loss, size = _step(model, batches, loss_fn, schedule, max_grad_norm)
+            if after_step is not None:
+                after_step()
+            step, images = step + 1, images + size
+            bar.advance(step, done, f"loss {loss:.3f}")
+    model.eval()
+    return TrainResult(step, images, images / epoch_size, time.perf_counter() - started, loss,
+                       stopped_by)
+
+
+def _step(model, batches: Iterator, loss_fn, schedule: _Schedule,
+          max_grad_norm: float | None) -> tuple[float, int]:
+    """One optimizer step on the next batch: (its loss, its images)."""
+    batch = next(batches)
+    schedule.optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(batch)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    schedule.optimizer.step()
+    schedule.after_step()
+    return float(loss.detach()), len(batch[0])
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float):
@@ -60,72 +158,61 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
             after_step: Callable[[], None] | None = None,
             device: str = "cpu", augment: str | None = None, precision: str = "auto",
             weights: tuple[float, ...] | None = None,
-            max_grad_norm: float | None = None) -> DistillResult:
+            max_grad_norm: float | None = None) -> TrainResult:
     """Fine-tune ``student`` (in place) towards ``teacher``'s soft labels and the true labels.
 
-    SGD with momentum and a cosine learning rate that reaches zero when either ``epochs`` or
-    ``time_budget_s`` runs out, whichever comes first. ``teacher=None`` trains on labels only.
-    ``parameters`` restricts training (default: all of the student's); ``after_step`` runs
-    after every optimiser step (e.g. to re-apply a sparsity mask). ``progress`` is True for a
-    rich progress bar, a callable for one-line messages, or False. ``augment`` overrides the
-    dataset's own (``Dataset.augment``, see :class:`edgec.data.SplitSpec`). ``precision``: 'bf16'
+    :func:`fit` with "sgd-cosine" (weight decay 5e-4) over ``dataset``, reshuffled every epoch,
+    until ``epochs`` or ``time_budget_s`` runs out. ``teacher=None`` trains on labels only.
+    ``parameters``, ``after_step``, ``progress`` and ``max_grad_norm`` (e.g. for networks whose
+    BatchNorm is folded): as for :func:`fit`. ``augment`` overrides the dataset's own
+    (``Dataset.augment``, see :class:`edgec.data.SplitSpec`). ``precision``: 'bf16'
     autocast, 'fp32', or 'auto' (bf16 where the CPU has native bf16 arithmetic, about 1.6x
     faster; weights and the optimiser stay fp32). A student that returns a tuple of logits
     (e.g. early exits and the final output) has every output distilled from the teacher's
     logits, the losses summed with ``weights`` (default all 1).
-    ``max_grad_norm`` clips the gradient norm (e.g. for networks whose BatchNorm is folded).
     """
     augment = augment or dataset.augment
     check_choice("augment", augment, AUGMENTS)
     check_choice("precision", precision, PRECISIONS)
     if len(dataset) == 0 or epochs <= 0 or time_budget_s <= 0:
-        return DistillResult(0, 0, 0.0, 0.0, float("nan"), "epochs")
-    torch.manual_seed(seed)
+        return TrainResult(0, 0, 0.0, 0.0, float("nan"), "epochs")
     order = np.random.default_rng(seed)
-    params = parameters if parameters is not None else list(student.parameters())
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps_per_epoch = math.ceil(len(dataset) / batch)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    steps = max(1, math.ceil(epochs * math.ceil(len(dataset) / batch)))
     # channels-last convolutions train about 20 % faster on CPU (oneDNN)
-    student.to(device, memory_format=torch.channels_last).train()
+    student.to(device, memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device, memory_format=torch.channels_last).eval()
-    how = _Loss(temperature, alpha, weights, _autocast(precision, device), max_grad_norm)
-    started = time.perf_counter()
-    step, images, loss_value, stopped_by = 0, 0, float("nan"), "epochs"
-    with _Progress(progress, total_steps) as bar:
-        while step < total_steps:
-            permutation = order.permutation(len(dataset))
-            for start in range(0, len(dataset), batch):
-                elapsed = time.perf_counter() - started
-                if step >= total_steps:
-                    break
-                if elapsed >= time_budget_s:
-                    stopped_by = "time"
-                    break
-                done = max(step / total_steps, elapsed / time_budget_s)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
-                index = np.sort(permutation[start:start + batch])
-                x = torch.from_numpy(preprocess(dataset.images[index], input_spec)).to(device)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = torch.from_numpy(dataset.labels[index]).to(device)
-                x, moved = _augment(x, augment, order)
-                if teacher is not None and moved is not None:
-                    y = y.masked_fill(moved, UNLABELLED)
-                loss = _step(student, teacher, optimizer, x, y, how)
-                if after_step is not None:
-                    after_step()
-                step, images, loss_value = step + 1, images + len(index), loss
-                bar.advance(step, done, f"loss {loss:.3f}")
-            if stopped_by == "time":
-                break
-    student.to(memory_format=torch.contiguous_format).eval()
+    loss = _DistillLoss(student, teacher, temperature, alpha, weights,
+                        _autocast(precision, device))
+    images = _image_batches(dataset, input_spec, batch, augment, order, device,
+                            distilled_only=teacher is not None)
+    result = fit(student, images, loss, OptimizerSpec("sgd-cosine", lr, 5e-4), steps,
+                 epoch_size=len(dataset), time_budget_s=time_budget_s, seed=seed,
+                 parameters=parameters, max_grad_norm=max_grad_norm, after_step=after_step,
+                 progress=progress)
+    student.to(memory_format=torch.contiguous_format)
     if teacher is not None:
         teacher.to(memory_format=torch.contiguous_format)
-    seconds = time.perf_counter() - started
-    return DistillResult(step, images, images / len(dataset), seconds, loss_value, stopped_by)
+    return result
+
+
+def _image_batches(dataset: Dataset, input_spec, batch: int, augment: str,
+                   order: np.random.Generator, device: str,
+                   distilled_only: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless epochs of (images, labels), reshuffled by ``order`` every epoch and augmented;
+    ``distilled_only``: images that augmentation moved off the distribution get no label."""
+    while True:
+        permutation = order.permutation(len(dataset))
+        for start in range(0, len(dataset), batch):
+            index = np.sort(permutation[start:start + batch])
+            x = torch.from_numpy(preprocess(dataset.images[index], input_spec)).to(device)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(dataset.labels[index]).to(device)
+            x, moved = _augment(x, augment, order)
+            if distilled_only and moved is not None:
+                y = y.masked_fill(moved, UNLABELLED)
+            yield x, y
 
 
 def _autocast(precision: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
@@ -164,36 +251,33 @@ def _augment(x: torch.Tensor, augment: str,
 
 
 @dataclass(frozen=True)
-class _Loss:
-    """How one step computes its loss: distillation settings, autocast, gradient clipping."""
+class _DistillLoss:
+    """One batch's loss: every output of the student distilled from the teacher's logits (or
+    trained on the labels without a teacher), the forward passes under ``cast`` (autocast)."""
 
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
     temperature: float
     alpha: float
     weights: tuple[float, ...] | None
     cast: Callable[[], contextlib.AbstractContextManager]
-    max_grad_norm: float | None = None
 
-
-def _step(student, teacher, optimizer, x, y, how: _Loss) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    with how.cast():  # forward passes only; backward runs outside autocast
-        outputs = student(x)
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(x).float()
-    outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
-    loss = 0.0
-    for weight, logits in zip(how.weights or [1.0] * len(outputs), outputs):
-        logits = logits.float()
-        loss = loss + weight * (
-            F.cross_entropy(logits, y) if teacher_logits is None else
-            distillation_loss(logits, teacher_logits, y, how.temperature, how.alpha))
-    loss.backward()
-    if how.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), how.max_grad_norm)
-    optimizer.step()
-    return float(loss.detach())
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with self.cast():  # forward passes only; backward runs outside autocast
+            outputs = self.student(x)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x).float()
+        outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+        loss = 0.0
+        for weight, logits in zip(self.weights or [1.0] * len(outputs), outputs):
+            logits = logits.float()
+            loss = loss + weight * (
+                F.cross_entropy(logits, y) if teacher_logits is None else
+                distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha))
+        return loss
 
 
 class _Progress:

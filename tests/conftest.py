@@ -14,6 +14,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(EXAMPLES / "resnet20_cifar10"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def edgec_cache(tmp_path_factory):
+    """Every test session gets its own step cache (never the user's ~/.cache/edgec)."""
+    folder = tmp_path_factory.mktemp("edgec-cache")
+    before = os.environ.get("EDGEC_CACHE")
+    os.environ["EDGEC_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("EDGEC_CACHE", None)
+    else:
+        os.environ["EDGEC_CACHE"] = before
+
+
 def artifact_predict(directory: Path):
     """predict(x) of the runner shipped inside an artifact: the code a board would run."""
     import importlib.util

@@ -12,7 +12,7 @@ from edgec.analysis import (
     torch_layer_costs,
     total_macs,
 )
-from edgec.passes.export import export_onnx
+from edgec.onnx_export import export_onnx
 
 
 def test_resnet20_macs_match_hand_count(resnet20, resnet20_config):

@@ -13,16 +13,17 @@ import torch
 from edgec import exits as ee
 from edgec.accuracy import top1, torch_logits
 from edgec.artifact import Artifact
-from edgec.backends.cascade import stage_graphs
 from edgec.build import BuildRequest, build, write_artifact
 from edgec.config import from_dict
 from edgec.data import Dataset, preprocess
 from edgec.devices import LocalDevice
 from edgec.errors import BudgetError, ConfigError, PassError
+from edgec.onnx_export import export_onnx
 from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, run_graph
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass
 from edgec.pipeline import Context, Pipeline, Step
+from edgec.stages import auto_points, split_segments, stage_graphs, trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits" / "model.toml"
@@ -73,7 +74,7 @@ def _cascade(directory):
 
 def test_heads_train_deterministically(digits_model, digits_config, digits_data):
     calibration = digits_data[0]
-    segments = ee.split_segments(ee.trace(digits_model), ["conv1"])
+    segments = split_segments(trace(digits_model), ["conv1"])
     x = torch.from_numpy(preprocess(calibration.images, digits_config.input))
     with torch.no_grad():
         features = segments[0](x).numpy().astype(np.float16)
@@ -141,13 +142,14 @@ def test_budget_zero_keeps_threshold_split_accuracy(resnet20, resnet20_config, c
 
 
 def test_stage_graphs_chain_to_the_original_logits(resnet20, resnet20_config, cifar_train_slice):
-    graph = ee.trace(resnet20)
+    graph = trace(resnet20)
     points = ["layer1.2", "layer2.2", "layer3.0"]
-    segments = ee.split_segments(graph, points)
+    segments = split_segments(graph, points)
     heads = [ee.make_head("linear", shape, 10, 1, 0) for shape in
              ((16, 32, 32), (32, 16, 16), (64, 8, 8))]
     model = ee.ExitModel(segments, heads).eval()
-    combined = onnx.load_from_string(ee.export_exit_model(model, resnet20_config.input.shape))
+    combined = onnx.load_from_string(export_onnx(model, resnet20_config.input,
+                                                 output_names=model.output_names()))
     sessions = [_session(s) for s in stage_graphs(combined, len(points))]
     images = Dataset(cifar_train_slice.images[:64], cifar_train_slice.labels[:64], "slice")
     x = preprocess(images.images, resnet20_config.input)
@@ -241,7 +243,7 @@ def test_params_errors(table, message):
 
 
 def test_auto_candidates_are_every_block_but_the_last(resnet20):
-    assert ee.auto_points(ee.trace(resnet20)) == [f"layer{s}.{b}" for s in (1, 2, 3)
+    assert auto_points(trace(resnet20)) == [f"layer{s}.{b}" for s in (1, 2, 3)
                                                   for b in range(3)][:-1]
 
 
@@ -348,6 +350,6 @@ def test_backbone_finetuned_with_batchnorm_deploys_folded(digits_model, digits_c
 
 def test_cut_inside_a_residual_block_is_refused(resnet20):
     with pytest.raises(PassError, match="cannot cut after layer1.0.conv1.*skip connection"):
-        ee.split_segments(ee.trace(resnet20), ["layer1.0.conv1"])
+        split_segments(trace(resnet20), ["layer1.0.conv1"])
     with pytest.raises(PassError, match="not in execution order"):
-        ee.split_segments(ee.trace(resnet20), ["layer2.2", "layer1.2"])
+        split_segments(trace(resnet20), ["layer2.2", "layer1.2"])

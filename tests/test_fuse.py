@@ -11,7 +11,7 @@ import torch
 from edgec import int8
 from edgec.artifact import Artifact
 from edgec.data import preprocess
-from edgec.passes.export import export_onnx
+from edgec.onnx_export import export_onnx
 from edgec.passes.fuse import FuseParams, FusePass, fused_ops
 from edgec.passes.quantize import QuantizeParams, quantize_int8
 from edgec.pipeline import Context

@@ -12,7 +12,7 @@ from edgec.data import generated
 from edgec.errors import MeasureError
 from edgec.measure import Measurement, MeasureSpec
 from edgec.model import load_model_config, load_torch_model
-from edgec.passes.export import export_onnx
+from edgec.onnx_export import export_onnx
 
 from .conftest import EXAMPLES
 

@@ -16,7 +16,7 @@ from edgec.artifact import Artifact
 from edgec.config import from_dict
 from edgec.data import load_data_config, preprocess
 from edgec.errors import BudgetError, ConfigError, EdgecError
-from edgec.passes.export import export_onnx
+from edgec.onnx_export import export_onnx
 from edgec.passes.prune import PruneParams, PrunePass, conv_widths, prune_channels, round_width
 from edgec.pipeline import Context
 from edgec.recipes import load_recipe

@@ -21,9 +21,9 @@ import numpy as np
 
 from edgec.artifact import Artifact
 from edgec.errors import CompileError
+from edgec.onnx_export import INPUT_NAME
 
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
-INPUT_NAME = "input"
 
 
 def strip_qdq(model):

@@ -22,6 +22,7 @@ from typing import Any
 
 from edgec.artifact import Artifact
 from edgec.errors import CompileError, ConfigError, require
+from edgec.runner import runner
 
 BATCH = 1
 EVOLUTIONARY_MIN_TRIALS = 64
@@ -44,7 +45,6 @@ def is_quantized(onnx_path: Path) -> bool:
 def static_onnx(onnx_path: Path, batch: int = BATCH) -> bytes:
     """The model with its batch fixed to ``batch`` and shape arithmetic constant-folded."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
     for value in model.graph.input:
@@ -54,10 +54,7 @@ def static_onnx(onnx_path: Path, batch: int = BATCH) -> bytes:
     with tempfile.TemporaryDirectory(prefix="edgec-tvm-") as tmp:
         fixed, folded = Path(tmp) / "fixed.onnx", Path(tmp) / "folded.onnx"
         onnx.save(model, str(fixed))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(folded)
-        ort.InferenceSession(str(fixed), options, providers=["CPUExecutionProvider"])
+        runner.ort_session(fixed, optimization="basic", optimized_path=folded)
         return folded.read_bytes()
 
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from edgec.errors import RemoteCommandError
 from edgec.measure import Measurement, MeasureSpec
+from edgec.stage_timing import StageTimes, StageTimingPlan
 
 
 class Device(Protocol):
@@ -24,6 +25,10 @@ class Device(Protocol):
 
     def cpu(self) -> dict[str, Any]:
         """The CPU as the runner sees it: arch, model, int8 features and kernel path."""
+
+    def time_stages(self, plan: StageTimingPlan) -> StageTimes:
+        """Time a pass's candidate models here (``runner.py time-stages``, see
+        edgec.stage_timing): every latency a pass chooses by comes through this."""
 
 
 def parse_runner_output(stdout: str, stderr: str, device: str) -> dict[str, Any]:

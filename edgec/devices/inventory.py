@@ -16,7 +16,7 @@ from edgec.config import from_dict, load_toml
 from edgec.errors import ConfigError
 from edgec.targets import load_target
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a device name: a safe file name
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 RESERVED = ("local",)
 EXAMPLE = "example"  # devices/example.toml: the documented template, never a board

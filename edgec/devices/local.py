@@ -13,6 +13,7 @@ from edgec.devices.base import eval_args, parse_runner_output
 from edgec.devices.probe import STATE_SCRIPT
 from edgec.errors import DeviceTimeout
 from edgec.measure import Measurement, MeasureSpec, condition_warnings
+from edgec.stage_timing import StageTimes, StageTimingPlan, time_on
 
 
 class LocalDevice:
@@ -52,3 +53,7 @@ class LocalDevice:
 
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict:
         return self.run_runner(artifact_dir, eval_args(data, start, count))
+
+    def time_stages(self, plan: StageTimingPlan) -> StageTimes:
+        """Time ``plan``'s models with the runner in a subprocess, as a board runs it."""
+        return time_on(self, plan)

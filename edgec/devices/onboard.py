@@ -34,7 +34,7 @@ import threading
 import time
 
 HZ = os.sysconf("SC_CLK_TCK")
-RUNNER_MODES = ("measure", "eval", "cpu")
+RUNNER_MODES = ("measure", "eval", "cpu", "time-stages")
 OUTPUT = threading.Lock()
 RUNNING = []  # the runner's Popen while one runs
 
@@ -68,7 +68,8 @@ def pids():
 
 
 def is_runner(pid):
-    """An edgec runner: ``... runner.py measure|eval|cpu ...`` (argv only, never printed)."""
+    """An edgec runner: ``... runner.py MODE ...``, MODE one of RUNNER_MODES (argv only, never
+    printed)."""
     try:
         argv = read(f"/proc/{pid}/cmdline", "rb").split(b"\0")
     except OSError:

@@ -47,6 +47,7 @@ from edgec.errors import (
     RemoteDiskFull,
 )
 from edgec.measure import Measurement, MeasureSpec, condition_warnings
+from edgec.stage_timing import StageTimes, StageTimingPlan, time_on
 from edgec.targets import Requirements
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,11 @@ class SSHDevice:
 
     def evaluate(self, artifact_dir: Path, data: str, start: int = 0, count: int = 0) -> dict:
         return self.run_runner(artifact_dir, eval_args(data, start, count))
+
+    def time_stages(self, plan: StageTimingPlan) -> StageTimes:
+        """Time ``plan``'s models on the board under its lock; the timing bundle and the images
+        are uploaded once each, cached by content hash like artifacts and eval data."""
+        return time_on(self, plan)
 
     def facts(self, requires: Requirements | None = None) -> dict[str, Any]:
         """Arch, OS, Python, runtimes, governor, temperature, free disk and memory; with

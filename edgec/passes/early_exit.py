@@ -9,11 +9,12 @@ the ``cascade`` backend then cuts it into one ONNX graph per stage.
 Steps: (1) cut the model after each candidate exit point; (2) train a small head per candidate
 on cached features of the frozen backbone, distilling from the final logits; (3) optionally
 fine-tune backbone and heads jointly, distilling from the original model; (4) measure each
-segment's and head's latency and what a stage boundary costs, with ONNX Runtime; (5) on training images
-disjoint from those of step 2, choose the exits greedily and their max-softmax thresholds so
-that the expected latency is lowest with a top-1 drop within ``budget`` points of the input
-model (what joint fine-tuning cost is spent from the same budget); exits that never fire are
-dropped.
+segment's and head's latency and what a stage boundary costs, with ONNX Runtime on the build's
+device (``ctx.device``: the board given with --device, else this machine); (5) on training
+images disjoint from those of step 2, choose the exits greedily and their max-softmax
+thresholds so that the expected latency is lowest with a top-1 drop within ``budget`` points of
+the input model (what joint fine-tuning cost is spent from the same budget); exits that never
+fire are dropped.
 
 Joint fine-tuning trains far better with BatchNorm than on a folded backbone: put
 ``fuse`` with ``fold_bn = false`` before this pass; the stages are folded for deployment here.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -32,12 +33,19 @@ from torch import nn
 
 from edgec import exits as ee
 from edgec.accuracy import VIEWS, check_view, top1, view_top1
+from edgec.analysis import count_macs
 from edgec.artifact import Artifact
-from edgec.backends.cascade import stage_graphs
+from edgec.budget import pass_budget
 from edgec.config import check_choice
 from edgec.data import AUGMENTS, Dataset, preprocess
+from edgec.devices import LocalDevice
 from edgec.errors import BudgetError, PassError
+from edgec.onnx_export import export_onnx
 from edgec.pipeline import Context, Step
+from edgec.runner import runner
+from edgec.search.space import choices, int_range
+from edgec.stage_timing import StageCall, StageTimingPlan
+from edgec.stages import auto_points, split_segments, stage_graphs, trace
 from edgec.train import distill
 
 COST_PRECISIONS = ("fp32", "int8")
@@ -78,12 +86,12 @@ class EarlyExitParams:
     """
 
     after: tuple[str, ...] | str = "auto"
-    head: str = "mlp"
+    head: str = field(default="mlp", metadata=choices(*ee.HEAD_KINDS))
     pool: int = 2
     head_width: int = 0
-    budget: float = 1.0
+    budget: float = field(default=1.0, metadata=choices(0.5, 1.0, 2.0))
     thresholds: tuple[float, ...] = ()
-    max_exits: int = 3
+    max_exits: int = field(default=3, metadata=int_range(1, 4))
     train_count: int = 10000
     threshold_count: int = 5000
     cache_count: int = 10000
@@ -136,7 +144,6 @@ class EarlyExitPass:
     consumes = "torch"
     produces = "onnx"
     Params = EarlyExitParams
-    search_space = {"budget": [0.5, 1.0, 2.0]}
 
     def supports(self, target) -> str | None:
         if "onnxruntime" not in target.backends:
@@ -144,11 +151,12 @@ class EarlyExitPass:
         return None
 
     def run(self, artifact: Artifact, params: EarlyExitParams, ctx: Context) -> Artifact:
+        params = replace(params, budget=pass_budget(ctx, params.budget))  # the ledger's cap
         head_data, choice_data = _splits(ctx.calibration, params)
         if params.finetune_epochs:
             check_view("finetune_cost_view", params.finetune_cost_view, ctx.input_spec.shape)
-        graph = copy.deepcopy(ee.trace(artifact.payload))  # fine-tuning must not touch the input
-        points = ee.auto_points(graph) if params.after == "auto" else list(params.after)
+        graph = copy.deepcopy(trace(artifact.payload))  # fine-tuning must not touch the input
+        points = auto_points(graph) if params.after == "auto" else list(params.after)
         if params.thresholds and len(params.thresholds) != len(points):
             raise PassError(f"thresholds {params.thresholds} give {len(params.thresholds)} "
                             f"values for {len(points)} exits {points}; give one per exit")
@@ -161,8 +169,7 @@ class EarlyExitPass:
         _train_heads(model, head_data, params, ctx)
         finetuned = _finetune(model, artifact.payload, head_data, params, ctx)
         deploy = model.deployable()
-        combined = onnx.load_from_string(ee.export_exit_model(deploy, ctx.input_spec.shape,
-                                                              params.opset))
+        combined = onnx.load_from_string(_export(deploy, params, ctx))
         costs = measure_costs(combined, len(points), params, ctx)
         ctx.progress(f"early_exit: choosing exits and thresholds among {len(points)} candidates")
         outputs = run_graph(combined, choice_data, ctx.input_spec, len(points), features=False)
@@ -176,14 +183,15 @@ class EarlyExitPass:
             finetuned = {**finetuned, "cost_points": round(spent, 3),
                          "cost_view": params.finetune_cost_view}
         path = ctx.workdir / f"{len(artifact.lineage):02d}-early_exit.onnx"
-        exported = ee.export_exit_model(deploy.keep(kept), ctx.input_spec.shape, params.opset)
+        exported = _export(deploy.keep(kept), params, ctx)
         path.write_bytes(exported)
         cascade = {"exits": [{"after": points[k], "threshold": t, "rate": rate,
                               "head_macs": macs["heads"][k]}
                              for k, t, rate in zip(kept, thresholds, choice["rates"])],
                    "expected_saving": choice["expected_saving"]}
-        report = _report(points, kept, thresholds, outputs, choice, costs, macs, head_data,
-                         choice_data, finetuned, time.perf_counter() - started)
+        report = {**_report(points, kept, thresholds, outputs, choice, costs, macs, head_data,
+                            choice_data, finetuned, time.perf_counter() - started),
+                  "costs_measured_on": cost_device(ctx).name}
         ctx.progress(f"early_exit: {len(kept)} exits {[points[k] for k in kept]}, expected "
                      f"saving {choice['expected_saving'] * 100:.1f} %")
         return artifact.derive("onnx", path, Step(self, params).lineage(report), cascade=cascade,
@@ -237,19 +245,19 @@ def _splits(calibration: Dataset | None, params: EarlyExitParams) -> tuple[Datas
 
 def _build(graph, points, params, ctx) -> tuple[ee.ExitModel, dict]:
     """Segments with fresh heads; checks that the segments chain to the original output."""
-    segments = ee.split_segments(graph, points)
+    segments = split_segments(graph, points)
     torch.manual_seed(ctx.seed)
     x = torch.from_numpy(preprocess(ctx.calibration.images[:4], ctx.input_spec))
     heads, macs = [], {"segments": [], "heads": []}
     feature = x
     for segment in segments[:-1]:
-        seg_macs, feature = ee.count_macs(segment, feature)
+        seg_macs, feature = count_macs(segment, feature)
         head = ee.make_head(params.head, tuple(feature.shape[1:]), _classes(graph, x),
                             params.pool, params.head_width)
         macs["segments"].append(seg_macs)
-        macs["heads"].append(ee.count_macs(head.eval(), feature)[0])
+        macs["heads"].append(count_macs(head.eval(), feature)[0])
         heads.append(head)
-    macs["segments"].append(ee.count_macs(segments[-1], feature)[0])
+    macs["segments"].append(count_macs(segments[-1], feature)[0])
     model = ee.ExitModel(segments, heads).eval()
     with torch.no_grad():
         error = (model(x)[0] - graph(x)).abs().max().item()
@@ -264,10 +272,14 @@ def _classes(graph, x) -> int:
         return int(graph(x[:1]).shape[1])
 
 
+def _export(model: ee.ExitModel, params, ctx) -> bytes:
+    """ONNX bytes of the early-exit model, its outputs named as ``ExitModel.output_names``."""
+    return export_onnx(model, ctx.input_spec, params.opset, output_names=model.output_names())
+
+
 def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx) -> None:
     data = data.head(min(len(data), params.cache_count))
-    combined = onnx.load_from_string(ee.export_exit_model(model.deployable(), ctx.input_spec.shape,
-                                                          params.opset))
+    combined = onnx.load_from_string(_export(model.deployable(), params, ctx))
     outputs = run_graph(combined, data, ctx.input_spec, len(model.heads), features=True)
     k = len(model.heads)
     teacher, features = outputs[0], outputs[1 + k:]
@@ -308,22 +320,10 @@ def _finetune(model: ee.ExitModel, source, data: Dataset, params, ctx) -> dict:
     return result.to_json()
 
 
-def _session(model: onnx.ModelProto | bytes | str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def run_graph(combined: onnx.ModelProto, data: Dataset, spec, exits: int, features: bool,
               batch: int = 100) -> list[np.ndarray]:
     """Run the early-exit graph over ``data``: [logits, exit_0.., (feature_0.. as float16)]."""
-    session = _session(combined)
+    session = runner.ort_session(combined.SerializeToString(), threads=1)
     names = ["logits", *[f"exit_{k}" for k in range(exits)]]
     names += [f"feature_{k}" for k in range(exits)] if features else []
     chunks = [[] for _ in names]
@@ -335,7 +335,8 @@ def run_graph(combined: onnx.ModelProto, data: Dataset, spec, exits: int, featur
 
 
 def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.CostModel:
-    """Batch-1 latency (ms) of each backbone segment, each head and each stage boundary.
+    """Batch-1 latency (ms) of each backbone segment, each head and each stage boundary,
+    measured on ``ctx.device`` (this machine when None), where the cascade will run.
 
     Heads and the split of time between segments come from each stage graph run alone. The
     boundary cost (``call``: one more runtime call and the feature's hand-over) comes from
@@ -345,16 +346,9 @@ def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.Cost
     """
     if params.cost_precision == "int8":
         combined = _quantized(combined, ctx)
-    full = [_session(s) for s in stage_graphs(combined, exits, heads=True)]
-    bare = [_session(s) for s in stage_graphs(combined, exits, heads=False)]
-    uncut = _session(stage_graphs(combined, 0)[0])
-    images = preprocess(ctx.calibration.images[:STREAM_IMAGES], ctx.input_spec)
-    inputs = _chain_inputs(bare, images[:1])
-    runs = [(s, inputs[k]) for k, s in enumerate(bare)] + [
-        (s, inputs[k]) for k, s in enumerate(full[:-1])]
-    times = _quartile_times(runs, params.cost_repeats)
-    bare_ms, full_ms = times[:exits + 1], times[exits + 1:]
-    plain, chained = _stream_times([[uncut], bare], images)
+    times = cost_device(ctx).time_stages(cost_plan(combined, exits, params, ctx))
+    bare_ms, full_ms = times.calls_ms[:exits + 1], times.calls_ms[exits + 1:]
+    plain, chained = times.streams_ms
     boundary = max((chained - plain) / max(exits, 1), 0.0)
     scale = max(plain - boundary, 1e-4) / sum(bare_ms)
     return ee.CostModel(segments=tuple(t * scale for t in bare_ms),
@@ -362,29 +356,27 @@ def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.Cost
                         call=boundary)
 
 
-def _chain_inputs(sessions, x) -> list[np.ndarray]:
-    """The input each session of a chain sees when the first is fed ``x``."""
-    inputs = []
-    for session in sessions:
-        inputs.append(x)
-        x = session.run(None, {session.get_inputs()[0].name: x})[0]
-    return inputs
+def cost_device(ctx: Context):
+    """Where the cost model is measured: the build's device, else this machine."""
+    return ctx.device if ctx.device is not None else LocalDevice()
 
 
-def _stream_times(chains, images: np.ndarray, rounds: int = 5) -> list[float]:
-    """Lower-quartile (over interleaved rounds) mean ms per image of each chain of sessions
-    over ``images`` streamed one at a time, each session fed the previous one's first output."""
-    feeds = [[(s.run, s.get_inputs()[0].name) for s in chain] for chain in chains]
-    samples = [[] for _ in chains]
-    for _ in range(rounds + 1):  # the first round warms up
-        for store, chain in zip(samples, feeds):
-            t0 = time.perf_counter()
-            for i in range(len(images)):
-                x = images[i:i + 1]
-                for run, name in chain:
-                    x = run(None, {name: x})[0]
-            store.append((time.perf_counter() - t0) * 1e3 / len(images))
-    return [float(np.percentile(s[1:], 25)) for s in samples]
+def cost_plan(combined: onnx.ModelProto, exits: int, params, ctx) -> StageTimingPlan:
+    """What :func:`measure_costs` times: each bare stage ``stage<k>`` (backbone only) and each
+    stage with its head ``stage<k>-head`` alone on the input the chain hands it (calls: the bare
+    stages, then the headed ones); the uncut model and the chain of bare stages streamed over
+    calibration images (streams)."""
+    bare = stage_graphs(combined, exits, heads=False)
+    headed = stage_graphs(combined, exits, heads=True)[:-1]
+    chain = tuple(f"stage{k}.onnx" for k in range(exits + 1))
+    models = {"uncut.onnx": stage_graphs(combined, 0)[0], **dict(zip(chain, bare)),
+              **{f"stage{k}-head.onnx": stage for k, stage in enumerate(headed)}}
+    calls = [StageCall(name, chain[:k]) for k, name in enumerate(chain)] + [
+        StageCall(f"stage{k}-head.onnx", chain[:k]) for k in range(exits)]
+    return StageTimingPlan({name: model.SerializeToString() for name, model in models.items()},
+                           tuple(calls), (("uncut.onnx",), chain),
+                           ctx.calibration.images[:STREAM_IMAGES], ctx.input_spec.to_json(),
+                           repeat=params.cost_repeats)
 
 
 def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
@@ -402,21 +394,6 @@ def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
     source.unlink()
     target.unlink()
     return model
-
-
-def _quartile_times(runs, repeats: int) -> list[float]:
-    """Lower-quartile ms per (session, input), runs interleaved so machine noise hits all
-    alike; the lower quartile because other processes only ever add time."""
-    prepared = [(s.run, {s.get_inputs()[0].name: x}) for s, x in runs]
-    for run, feed in prepared * 5:
-        run(None, feed)
-    samples = [[] for _ in prepared]
-    for _ in range(repeats):
-        for store, (run, feed) in zip(samples, prepared):
-            t0 = time.perf_counter()
-            run(None, feed)
-            store.append((time.perf_counter() - t0) * 1e3)
-    return [float(np.percentile(s, 25)) for s in samples]
 
 
 def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:

@@ -26,10 +26,12 @@ import torch
 from edgec.accuracy import VIEWS, check_view, view_top1
 from edgec.analysis import total_macs
 from edgec.artifact import Artifact
+from edgec.budget import pass_budget
 from edgec.config import check_choice
 from edgec.data import AUGMENTS, Dataset, preprocess
 from edgec.errors import BudgetError, PassError
 from edgec.pipeline import Context, Step
+from edgec.search.space import boolean, choices
 from edgec.train import distill
 
 MODES = ("channel", "2:4")
@@ -69,16 +71,17 @@ class PruneParams:
     """
 
     mode: str = "channel"
-    ratio: float = 0.2
+    ratio: float = field(default=0.2, metadata=choices(0.0, 0.1, 0.2, 0.3, 0.4, 0.5,
+                                                       when={"budget_points": None}))
     stage_ratios: dict[str, float] = field(default_factory=dict)
-    scope: str = "global"
-    importance: str = "l1"
-    budget_points: float | None = None
+    scope: str = field(default="global", metadata=choices(*SCOPES))
+    importance: str = field(default="l1", metadata=choices(*IMPORTANCES))
+    budget_points: float | None = field(default=None, metadata=choices(None, 0.5, 1.0, 2.0))
     ratios: tuple[float, ...] = SEARCH_RATIOS
-    ratio_of: str = "channels"
-    channel_multiple: int = 0
-    reconstruct: bool = True
-    finetune_epochs: float = 0.0
+    ratio_of: str = field(default="channels", metadata=choices(*RATIO_UNITS))
+    channel_multiple: int = field(default=0, metadata=choices(0, 4, 8, 16, 32))
+    reconstruct: bool = field(default=True, metadata=boolean())
+    finetune_epochs: float = field(default=0.0, metadata=choices(0.0, 1.0, 2.0, 5.0))
     finetune_augment: str = ""
     time_budget_s: float = 600.0
     holdout: int = 5000
@@ -122,13 +125,8 @@ class PrunePass:
     consumes = "torch"
     produces = "torch"
     Params = PruneParams
-    search_space = {
-        "ratio": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-        "ratio_of": list(RATIO_UNITS),
-        "scope": list(SCOPES),
-        "importance": list(IMPORTANCES),
-        "finetune_epochs": [0.0, 1.0, 2.0],
-    }
+    target_fields = ("channel_multiple",)  # all the pass reads of the target (cache key)
+    cached_torch = "widths"  # the output differs from its input in widths and weights only
 
     def supports(self, target) -> str | None:
         return None
@@ -155,7 +153,10 @@ class _Job:
     def __init__(self, model, params: PruneParams, ctx: Context, multiple: int):
         self.model, self.params, self.ctx, self.multiple = model, params, ctx, multiple
         self.spec = ctx.input_spec
-        self.train, self.holdout = _split(ctx.calibration, params.holdout)
+        if ctx.ledger is None:
+            self.train, self.holdout = _split(ctx.calibration, params.holdout)
+        else:  # the build held its budget's slice out already
+            self.train, self.holdout = ctx.calibration, ctx.ledger.holdout
         self.started = time.perf_counter()
         self.macs_before = total_macs(model, self.spec)
         self.widths_before = conv_widths(model)
@@ -164,16 +165,28 @@ class _Job:
         return max(0.0, self.params.time_budget_s - (time.perf_counter() - self.started))
 
     def accuracy(self, model) -> float:
-        """Top-1 (%) on the held-out slice in ``holdout_view``."""
+        """Top-1 (%) on the held-out slice in ``holdout_view`` (the build's accuracy ledger's
+        slice and view when there is one)."""
+        if self.ctx.ledger is not None:
+            return self.ctx.ledger.torch_top1(model)
         return view_top1(model, self.holdout, self.spec, self.params.holdout_view,
                          self.params.seed) * 100
+
+    def reference_and_budget(self) -> tuple[float, float]:
+        """(the top-1 the drop counts from, the points the pass may lose): its input and
+        ``budget_points``, or, in a build with an accuracy ledger, the input's top-1 as the
+        ledger counts it and at most what the ledger allows the pass."""
+        ledger = self.ctx.ledger
+        if ledger is None:
+            return self.accuracy(self.model), self.params.budget_points
+        return ledger.input_top1(), pass_budget(self.ctx, self.params.budget_points)
 
     def channels(self):
         params = self.params
         if params.budget_points is None:
             student, trial = self._trial(self.model, params.ratio, params.finetune_epochs)
             return student, self._report(student, trial, [])
-        reference = self.accuracy(self.model)
+        reference, budget = self.reference_and_budget()
         steps = sorted(set(params.ratios))
         student, kept, trials = self.model, None, []
         for ratio in steps:
@@ -182,13 +195,13 @@ class _Job:
             trials.append(trial)
             self.ctx.progress(f"prune: ratio {ratio}: held-out top-1 {trial['holdout_top1']:.2f} %"
                               f" (drop {trial['holdout_drop_points']:.2f} points)")
-            if trial["holdout_drop_points"] > params.budget_points:
+            if trial["holdout_drop_points"] > budget:
                 break
             kept = student, trial
         if kept is not None:
             return kept[0], self._report(kept[0], kept[1], trials, reference)
         raise BudgetError(
-            f"prune: no ratio in {steps} keeps the top-1 drop within {params.budget_points} "
+            f"prune: no ratio in {steps} keeps the top-1 drop within {budget:.2f} "
             f"points on the held-out training slice; best achievable drop "
             f"{trials[0]['holdout_drop_points']:.2f} points at ratio {steps[0]}, the smallest "
             f"(the search stops at the first step over budget); raise budget_points, add a "

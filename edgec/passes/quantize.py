@@ -17,7 +17,7 @@ import copy
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ from onnx import numpy_helper
 
 from edgec import hawq, int8, zeroq
 from edgec.artifact import Artifact
+from edgec.budget import pass_budget
 from edgec.config import check_choice
 from edgec.cpu import host_cpu, target_cpu
 from edgec.data import Dataset, preprocess, to_batches
 from edgec.errors import BudgetError, DataError, PassError
 from edgec.pipeline import Context, Step
+from edgec.search.space import boolean, choices, float_range
 
 MODES = ("int8", "mixed")
 CALIBRATION_SOURCES = ("auto", "data", "datafree")
@@ -57,16 +59,16 @@ class QuantizeParams:
     artifact, see edgec.int8; or one of edgec.int8.SCHEMES, e.g. "u8s8-reduce-range").
     """
 
-    mode: str = "int8"
-    scheme: str = "auto"
-    per_channel: bool = True
-    calibration: str = "auto"
+    mode: str = field(default="int8", metadata=choices(*MODES))
+    scheme: str = field(default="auto", metadata=choices("auto", *int8.SCHEMES))
+    per_channel: bool = field(default=True, metadata=boolean(when={"mode": "int8"}))
+    calibration: str = field(default="auto", metadata=choices("data", "datafree", when={"mode": "int8"}))
     calibration_count: int = 512
-    calibration_method: str = "minmax"
+    calibration_method: str = field(default="minmax", metadata=choices(*CALIBRATION_METHODS))
     batch: int = 32
     bits: tuple[int, ...] = hawq.WEIGHT_BITS
-    accuracy_budget: float = 1.0
-    weight_bytes_budget: float = 0.7
+    accuracy_budget: float = field(default=1.0, metadata=float_range(0.25, 3.0, when={"mode": "mixed"}))
+    weight_bytes_budget: float = field(default=0.7, metadata=float_range(0.5, 1.0, when={"mode": "mixed"}))
     holdout_count: int = 2000
     hessian_count: int = 512
     hessian_samples: int = 2
@@ -103,14 +105,6 @@ class QuantizePass:
     consumes = "onnx"
     produces = "onnx"
     Params = QuantizeParams
-    search_space = {
-        "mode": list(MODES),
-        "scheme": ["auto", *int8.SCHEMES],
-        "calibration": ["data", "datafree"],
-        "calibration_method": list(CALIBRATION_METHODS),
-        "accuracy_budget": (0.25, 3.0),
-        "weight_bytes_budget": (0.5, 1.0),
-    }
 
     def supports(self, target) -> str | None:
         return None if "int8" in target.precisions else f"target has no int8 ({target.precisions})"
@@ -229,14 +223,15 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
     int8_path = work / "k0.onnx"
     quantizer.write({}, int8_path)
     int8_bytes = weight_bytes(int8_path)
-    reference = _top1(artifact.payload, holdout, ctx)
+    holdout_top1 = _holdout_top1(artifact, holdout, ctx)
+    reference, budget = holdout_top1(artifact.payload), pass_budget(ctx, params.accuracy_budget)
     drops: dict[int, float] = {}
 
     def drop(k: int) -> float:
         if k not in drops:
             candidate = work / f"k{k}.onnx"
             quantizer.write({**fixed, **hawq.bits_for(order, k)}, candidate)
-            drops[k] = round((reference - _top1(candidate, holdout, ctx)) * 100, 3)
+            drops[k] = round((reference - holdout_top1(candidate)) * 100, 3)
             ctx.progress(f"quantize: {k} layers at 4 bits → top-1 drop {drops[k]:.2f} points "
                          f"on {len(holdout)} held-out images")
         return drops[k]
@@ -248,14 +243,14 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
         raise BudgetError(f"weight_bytes_budget {params.weight_bytes_budget} cannot be met with "
                           f"weight bits {list(params.bits)}; raise weight_bytes_budget or allow "
                           f"bits = [4, 8]")
-    if drop(low) > params.accuracy_budget:
+    if drop(low) > budget:
         raise BudgetError(
-            f"accuracy_budget {params.accuracy_budget} points cannot be met within "
+            f"accuracy_budget {budget:.2f} points cannot be met within "
             f"weight_bytes_budget {params.weight_bytes_budget}: the best achievable top-1 drop "
             f"there is {drops[low]:.2f} points (on {len(holdout)} held-out calibration images, "
             f"{low} layers at 4 bits); raise accuracy_budget to >= {drops[low]:.2f} or "
             f"weight_bytes_budget")
-    k = hawq.largest_passing(low, high, lambda k: drop(k) <= params.accuracy_budget)
+    k = hawq.largest_passing(low, high, lambda k: drop(k) <= budget)
     shutil.copyfile(work / f"k{k}.onnx", path)
     bits = {layer: {**fixed, **hawq.bits_for(order, k)}[layer] for layer in quantizer.weights}
     return bits, {
@@ -304,6 +299,21 @@ def _calibration_and_holdout(params: QuantizeParams, ctx: Context) -> tuple[Data
                         f"calibration split {data.origin} has {len(data)}: lower holdout_count")
     holdout = data.slice(start, end)
     return data.head(params.hessian_count), holdout
+
+
+def _holdout_top1(artifact: Artifact, holdout, ctx: Context):
+    """Top-1 (fraction) of an ONNX file as the budget counts it: on the pass's held-out
+    calibration images, or, in a build with an accuracy ledger, on the ledger's slice and view
+    (the input's top-1 is then the ledger's count, not a measurement)."""
+    ledger = ctx.ledger
+    if ledger is None:
+        return lambda path: _top1(path, holdout, ctx)
+
+    def top1(path) -> float:
+        if path == artifact.payload:
+            return ledger.input_top1() / 100
+        return ledger.top1(Artifact("onnx", path, extras=artifact.extras)) / 100
+    return top1
 
 
 def torch_twin(artifact: Artifact, ctx: Context, quantizer: Quantizer) -> tuple[Any, list[str]]:

@@ -8,12 +8,13 @@ backend lowers to XNNPACK's int8 kernels.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgec.artifact import Artifact
 from edgec.data import to_batches
 from edgec.errors import PassError, require
 from edgec.pipeline import Context, Step
+from edgec.search.space import boolean
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class QuantizePt2eParams:
     """int8 weights (per-channel or per-tensor, symmetric) and activations; ``calibration_count``
     images of the calibration split in batches of ``batch``."""
 
-    per_channel: bool = True
+    per_channel: bool = field(default=True, metadata=boolean())
     calibration_count: int = 512
     batch: int = 32
 
@@ -37,7 +38,6 @@ class QuantizePt2ePass:
     consumes = "torch"
     produces = "torch"
     Params = QuantizePt2eParams
-    search_space = {"per_channel": [True, False]}
 
     def supports(self, target) -> str | None:
         return None if "int8" in target.precisions else f"target has no int8 ({target.precisions})"

@@ -8,6 +8,8 @@ Usage:
                            [--batch 1] [--data images.npz]
   python runner.py eval --data images.npz [--start 0] [--count 0] [--batch 100]
   python runner.py predict IMAGE.png|DIR|images.npz|images.npy [--top 3]
+  python runner.py time-stages --data images.npz [--repeat 50] [--rounds 5] [--warmup 10]
+                               (in a timing bundle, see time_stages and edgec/stage_timing.py)
 """
 
 from __future__ import annotations
@@ -135,14 +137,36 @@ def int8_path_warning(manifest, cpu):
             f"`python runner.py eval --data test.npz` here to measure it")
 
 
-def ort_session(path, threads):
+ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(model, threads=1, optimization="all", providers=("CPUExecutionProvider",),
+                profile_prefix="", optimized_path="", quiet=False):
+    """The one place an ONNX Runtime session is made, here and in edgec on the host.
+
+    ``model``: a path or the serialised model (bytes). ``threads`` intra-op threads, one
+    inter-op thread, no spinning between runs. ``optimization``: a graph optimisation level of
+    ``ORT_LEVELS``; ``providers``: in order of preference; ``profile_prefix``: turn on ORT's
+    profiler, its JSON written under that prefix; ``optimized_path``: save the optimised graph
+    there; ``quiet``: log errors only."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                               ORT_LEVELS[optimization])
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
+    if quiet:
+        options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=list(providers))
 
 
 def load_onnxruntime(files, threads):
@@ -187,9 +211,7 @@ def load_tensorrt(files, threads):
 
     wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     providers = [p for p in wanted if p in ort.get_available_providers()]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(HERE / files[0]), options, providers=providers)
+    session = ort_session(HERE / files[0], threads, providers=providers)
     name = session.get_inputs()[0].name
 
     def predict(x):
@@ -381,6 +403,76 @@ def latency_summary(samples):
             "ci95_ms": 1.96 * spread / math.sqrt(n), "n": n}
 
 
+# ----- time-stages: candidate models timed as a stream of images sees them (for passes) ------
+def time_stages(manifest, args):
+    """(result, runtime versions): batch-1 latency of the ONNX files a timing bundle names.
+
+    ``manifest['timing']`` holds ``calls``, each ``{"model", "feed"}``: the model run alone on
+    the input it sees when the first image runs through the ``feed`` models in turn, ``--repeat``
+    rounds after ``--warmup``; and ``streams``, each a list of models run in turn over every
+    image, one at a time (ms per image), ``--rounds`` rounds after one warm-up round. The calls
+    take turns round by round, and so do the streams, so that machine noise hits all alike."""
+    import onnxruntime as ort
+
+    plan = manifest["timing"]
+    names = {call["model"] for call in plan["calls"]} | {
+        name for call in plan["calls"] for name in call["feed"]} | {
+        name for stream in plan["streams"] for name in stream}
+    sessions = {name: ort_session(HERE / name, args.threads) for name in sorted(names)}
+    images, _ = read_split(args.data, args.start, args.count)
+    x = preprocess(images, manifest["input"])
+    return ({"calls": time_calls(sessions, plan["calls"], x[:1], args),
+             "streams": time_streams(sessions, plan["streams"], x, args.rounds)},
+            {"onnxruntime": ort.__version__})
+
+
+def first_output(session, x):
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def time_calls(sessions, calls, first, args):
+    """One timing record per call (see time_stages)."""
+    prepared = []
+    for call in calls:
+        x = first
+        for name in call["feed"]:
+            x = first_output(sessions[name], x)
+        session = sessions[call["model"]]
+        prepared.append((session.run, {session.get_inputs()[0].name: x}))
+    for run, feed in prepared * args.warmup:
+        run(None, feed)
+    samples = [[] for _ in prepared]
+    for _ in range(args.repeat):
+        for store, (run, feed) in zip(samples, prepared):
+            t0 = time.perf_counter()
+            run(None, feed)
+            store.append((time.perf_counter() - t0) * 1e3)
+    return [timing_record(call, store) for call, store in zip(calls, samples)]
+
+
+def time_streams(sessions, streams, images, rounds):
+    """One timing record per stream: ms per image of each round (see time_stages)."""
+    chains = [[(sessions[name].run, sessions[name].get_inputs()[0].name) for name in stream]
+              for stream in streams]
+    samples = [[] for _ in chains]
+    for _ in range(rounds + 1):  # the first round warms up
+        for store, chain in zip(samples, chains):
+            t0 = time.perf_counter()
+            for i in range(len(images)):
+                x = images[i:i + 1]
+                for run, name in chain:
+                    x = run(None, {name: x})[0]
+            store.append((time.perf_counter() - t0) * 1e3 / len(images))
+    return [timing_record({"models": stream}, store[1:]) for stream, store in zip(streams, samples)]
+
+
+def timing_record(what, samples):
+    """``what`` with its samples (ms) and their summary, the lower quartile too (other work on
+    the machine only ever adds time)."""
+    return {**what, "samples_ms": samples,
+            "summary": {**latency_summary(samples), "p25_ms": percentile(samples, 25)}}
+
+
 # ----- images for predict: PNG without any library (8-bit, not interlaced), else Pillow -----
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
 
@@ -514,7 +606,7 @@ def evaluate(predict, manifest, args):
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["measure", "eval", "predict", "cpu"])
+    parser.add_argument("mode", choices=["measure", "eval", "predict", "cpu", "time-stages"])
     parser.add_argument("inputs", nargs="?", default="",
                         help="predict: an image, a directory of images, .npz or .npy")
     parser.add_argument("--top", type=int, default=3)
@@ -524,14 +616,15 @@ def parse(argv):
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--max-repeat", type=int, default=100000)
     parser.add_argument("--min-time", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=5, help="time-stages: streamed rounds")
     parser.add_argument("--data", default="")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--count", type=int, default=0)
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 1 if args.mode == "measure" else 100
-    if args.mode == "eval" and not args.data:
-        parser.error("eval needs --data images.npz")
+    if args.mode in ("eval", "time-stages") and not args.data:
+        parser.error(f"{args.mode} needs --data images.npz")
     if args.mode == "predict" and not args.inputs:
         parser.error("predict needs an image, a directory of images, .npz or .npy")
     return args
@@ -547,9 +640,12 @@ def main(argv=None):
     warning = int8_path_warning(manifest, cpu)
     if warning:
         print(f"runner: warning: {warning}", file=sys.stderr)
-    predict, versions = load(manifest, args.threads)
-    modes = {"measure": measure, "eval": evaluate, "predict": predict_files}
-    result = modes[args.mode](predict, manifest, args)
+    if args.mode == "time-stages":
+        result, versions = time_stages(manifest, args)
+    else:
+        predict, versions = load(manifest, args.threads)
+        modes = {"measure": measure, "eval": evaluate, "predict": predict_files}
+        result = modes[args.mode](predict, manifest, args)
     result.update({"mode": args.mode, "threads": args.threads, "runtime": versions,
                    "peak_rss_mb": peak_rss_mb(), "artifact": manifest["hash"], "cpu": cpu,
                    "warnings": [warning] if warning else []})
