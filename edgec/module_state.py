@@ -61,3 +61,28 @@ def load_widths_and_weights(base: nn.Module, path: Path) -> nn.Module:
         else:
             raise PassError(f"cached weight {name!r} is neither parameter nor buffer")
     return base.eval()
+
+
+def resize_to_weights(model: nn.Module, values: dict) -> list[str]:
+    """Resize the Conv2d and Linear layers of ``model`` whose weight in ``values`` (parameter
+    name → array, e.g. an ONNX file's initialisers) has other widths, as structured pruning
+    leaves them, and resize their biases; returns the parameter names resized. The weights'
+    values are not copied."""
+    modules = dict(model.named_modules())
+    resized = []
+    for name, value in values.items():
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if leaf != "weight" or type(module) not in (nn.Conv2d, nn.Linear):
+            continue
+        if tuple(module.weight.shape) == tuple(value.shape) or value.ndim != module.weight.ndim:
+            continue
+        if isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = value.shape[0], value.shape[1] * module.groups
+        else:
+            module.out_features, module.in_features = value.shape[0], value.shape[1]
+        module.weight = nn.Parameter(torch.zeros(tuple(value.shape)))
+        if module.bias is not None:
+            module.bias = nn.Parameter(torch.zeros(value.shape[0]))
+        resized.append(name)
+    return resized

@@ -80,11 +80,14 @@ class Pipeline:
     def with_overrides(self, overrides: dict[str, Any]) -> Pipeline:
         """A copy with step parameters replaced: ``{"prune.ratio": 0.2, "quantize.mode":
         "mixed"}``; keys are ``pass.param`` and validated like recipe keys."""
-        steps = list(self.steps)
+        steps, budget = list(self.steps), self.budget
         for key, value in overrides.items():
             name, dot, param = key.partition(".")
             if not dot or not param:
                 raise ConfigError(f"override {key!r} is not 'pass.param' (e.g. quantize.mode)")
+            if name == "budget":  # the recipe's [budget]: budget.points, budget.holdout, ...
+                budget = _budget_override(budget, param, value, key)
+                continue
             where = [i for i, step in enumerate(steps) if step.pass_.name == name]
             if not where:
                 names = [step.pass_.name for step in steps]
@@ -97,7 +100,7 @@ class Pipeline:
             values = {**asdict(step.params), param: value}
             steps[where[0]] = Step(step.pass_, from_dict(type(step.params), values,
                                                          f"override {key!r} ({name})"))
-        return Pipeline(steps, self.name, self.budget)
+        return Pipeline(steps, self.name, budget)
 
     def check_target(self, target) -> None:
         for step in self.steps:
@@ -123,6 +126,18 @@ class Pipeline:
         for index in range(first, len(self.steps)):
             artifact = run.run_step(index, artifact, on_step)
         return run.marked(artifact)
+
+
+def _budget_override(budget, param: str, value: Any, key: str):
+    """The recipe's BudgetSpec with ``param`` replaced (a recipe without one starts from
+    ``points`` alone)."""
+    from edgec.budget import BudgetSpec
+
+    values = asdict(budget) if budget is not None else {}
+    if budget is None and param != "points":
+        raise ConfigError(f"override {key!r}: the recipe has no [budget]; set budget.points "
+                          f"(or --budget) first")
+    return from_dict(BudgetSpec, {**values, param: value}, f"override {key!r} (budget)")
 
 
 class _CachedRun:

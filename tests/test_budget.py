@@ -97,6 +97,10 @@ def test_recipe_budget_table(tmp_path):
     recipe.write_text('[budget]\npoints = 1.0\nview = "shifted"\nholdout = 2000\n'
                       'reserve = {export = 0.2}\n' + body)
     assert load_recipe(recipe).budget == BudgetSpec(1.0, "shifted", 2000, {"export": 0.2})
+    pipeline = load_recipe(recipe).with_overrides({"budget.holdout": 300, "budget.points": 2.0})
+    assert pipeline.budget == BudgetSpec(2.0, "shifted", 300, {"export": 0.2})
+    with pytest.raises(ConfigError, match="unknown key 'hold'"):
+        load_recipe(recipe).with_overrides({"budget.hold": 300})
     recipe.write_text('[budget]\npoints = 1.0\nreserve = {quantise = 0.2}\n' + body)
     with pytest.raises(ConfigError, match="reserve names 'quantise', which the recipe does not"):
         load_recipe(recipe)

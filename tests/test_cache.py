@@ -197,3 +197,17 @@ def test_build_twice_hits_steps_evaluations_and_measurements(tmp_path, monkeypat
     assert profile["from_cache"] is True and profile["mean_ms"] == first.rows[1].latency.mean
     uncached = build(replace(request, cache=False, out=tmp_path / "fresh"))
     assert all("cache" not in step for step in uncached.manifest["lineage"])
+
+
+def test_a_pass_is_keyed_on_the_target_fields_it_reads(tmp_path, digits_model, digits_config,
+                                                       digits_data):
+    """prune reads only the target's channel_multiple; fuse and export read no field; quantize
+    reads the whole target."""
+    cache = Cache(tmp_path / "cache")
+    source = Artifact("torch", digits_model)
+    ctx = _ctx(tmp_path, digits_config, digits_data, cache)
+    _pipeline(prune=True).run(source, ctx)
+    renamed = replace(ctx, target=replace(ctx.target, name="local-renamed"))
+    assert _statuses(_pipeline(prune=True).run(source, renamed)) == ["hit", "hit", "hit", "run"]
+    wider = replace(ctx, target=replace(ctx.target, channel_multiple=16))
+    assert _statuses(_pipeline(prune=True).run(source, wider)) == ["run", "run", "run", "run"]

@@ -238,3 +238,27 @@ def test_one_point_of_a_space_builds(tmp_path, monkeypatch):
     assert {key: quantize["params"][key.partition(".")[2]] for key in point} == point
     assert manifest["int8"]["scheme"] == point["quantize.scheme"]
     assert manifest["accuracy"]["top1"] > 0.8
+
+
+def test_a_point_of_the_prune_int8_space_for_rpi4_builds(tmp_path):
+    """The space `edgec space prune-int8 --target rpi4` prints, narrowed to cheap values (no
+    fine-tuning), sampled and built on the digits example for rpi4."""
+    from edgec.build import BuildRequest, build
+
+    narrow = {"prune.budget_points": ["none"], "prune.finetune_epochs": [0.0],
+              "prune.ratio": [0.2, 0.3], "prune.importance": ["l1"], "prune.reconstruct": [False],
+              "quantize.mode": ["int8"]}
+    space = pipeline_space(load_recipe("prune-int8"), load_target("rpi4"), narrow)
+    point = space.sample(random.Random(3))
+    assert point["prune.budget_points"] is None and point["prune.ratio"] in (0.2, 0.3)
+    result = build(BuildRequest(model=EXAMPLES / "digits" / "model.toml", target="rpi4",
+                                recipe="prune-int8", budget=100.0,
+                                overrides={**point, "budget.holdout": 250},
+                                profile=False, out=tmp_path))
+    built = {f"{step['pass']}.{name}": value for step in result.manifest["lineage"]
+             for name, value in step["params"].items()}
+    for key, value in point.items():
+        assert built[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert result.manifest["target"]["name"] == "rpi4"
+    assert result.manifest["lineage"][0]["report"]["macs_after"] < \
+        result.manifest["lineage"][0]["report"]["macs_before"]

@@ -10,7 +10,9 @@ student further (ratios count from the unpruned model) and fine-tuning it for an
 of the epochs; the search stops at the first step whose top-1 drop on a held-out slice of the
 training split (plain, or the ``shifted`` view for models that memorised the whole split)
 leaves the budget and returns the step before it. The whole search therefore costs at most
-``finetune_epochs``, and falling back costs nothing.
+``finetune_epochs``, and falling back costs nothing. In a build with an accuracy ledger
+(edgec.budget) the held-out slice, its view and the reference are the ledger's, and the budget
+is at most what the ledger allows the pass.
 """
 
 from __future__ import annotations
@@ -276,7 +278,8 @@ class _Job:
                   "macs_reduction": round(1 - trial["macs"] / self.macs_before, 4),
                   "widths": trial["widths"], "finetune": trial["finetune"],
                   "holdout": self.holdout.origin if len(self.holdout) else None,
-                  "holdout_view": self.params.holdout_view,
+                  "holdout_view": self.params.holdout_view if self.ctx.ledger is None
+                  else self.ctx.ledger.spec.view,
                   "seconds": round(time.perf_counter() - self.started, 1)}
         for key in ("channel_ratio", "holdout_top1", "holdout_drop_points"):
             if key in trial:

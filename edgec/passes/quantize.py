@@ -225,6 +225,9 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
     int8_bytes = weight_bytes(int8_path)
     holdout_top1 = _holdout_top1(artifact, holdout, ctx)
     reference, budget = holdout_top1(artifact.payload), pass_budget(ctx, params.accuracy_budget)
+    measured_on = (f"{len(holdout)} held-out calibration images" if ctx.ledger is None else
+                   f"the accuracy budget's {len(ctx.ledger.holdout)} held-out images, "
+                   f"{ctx.ledger.spec.view} view")
     drops: dict[int, float] = {}
 
     def drop(k: int) -> float:
@@ -233,7 +236,7 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
             quantizer.write({**fixed, **hawq.bits_for(order, k)}, candidate)
             drops[k] = round((reference - holdout_top1(candidate)) * 100, 3)
             ctx.progress(f"quantize: {k} layers at 4 bits → top-1 drop {drops[k]:.2f} points "
-                         f"on {len(holdout)} held-out images")
+                         f"on {measured_on}")
         return drops[k]
 
     k_min = _fewest_int4_layers(costs, order, int8_bytes * params.weight_bytes_budget, int8_bytes)
@@ -247,9 +250,9 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
         raise BudgetError(
             f"accuracy_budget {budget:.2f} points cannot be met within "
             f"weight_bytes_budget {params.weight_bytes_budget}: the best achievable top-1 drop "
-            f"there is {drops[low]:.2f} points (on {len(holdout)} held-out calibration images, "
-            f"{low} layers at 4 bits); raise accuracy_budget to >= {drops[low]:.2f} or "
-            f"weight_bytes_budget")
+            f"there is {drops[low]:.2f} points (on {measured_on}, {low} layers at 4 bits); "
+            f"raise {'accuracy_budget' if ctx.ledger is None else 'the build budget (--budget)'}"
+            f" by {drops[low] - budget:.2f} points or raise weight_bytes_budget")
     k = hawq.largest_passing(low, high, lambda k: drop(k) <= budget)
     shutil.copyfile(work / f"k{k}.onnx", path)
     bits = {layer: {**fixed, **hawq.bits_for(order, k)}[layer] for layer in quantizer.weights}
@@ -257,7 +260,8 @@ def choose_mixed(quantizer: Quantizer, artifact: Artifact, params: QuantizeParam
         "mode": "mixed", "int8_weight_bytes": int8_bytes,
         "weight_bytes_ratio": round(weight_bytes(path) / int8_bytes, 4),
         "int4_storage": int4_storage(path), "int8_without_torch_twin": sorted(fixed),
-        "holdout": holdout.origin, "holdout_fp32_top1": reference, "holdout_drop_points": drops[k],
+        "holdout": holdout.origin if ctx.ledger is None else ctx.ledger.holdout.origin,
+        "holdout_fp32_top1": reference, "holdout_drop_points": drops[k],
         "drops_by_int4_layers": {str(n): d for n, d in sorted(drops.items())},
         "hessian_images": calibration.origin, "order": order,
         "avg_hessian_trace": {c.name: c.trace for c in costs},
@@ -321,12 +325,15 @@ def torch_twin(artifact: Artifact, ctx: Context, quantizer: Quantizer) -> tuple[
 
     Prefers ``artifact.extras['torch_model']``; otherwise ``ctx.baseline`` with BatchNorm folded
     (torch.fx fusion keeps the module names, which the legacy exporter keeps as initialiser
-    names). The ONNX initialisers are copied in, so the Hessian is taken at exactly the weights
+    names), its layers resized to the ONNX weights' widths where an earlier pass pruned
+    channels. The ONNX initialisers are copied in, so the Hessian is taken at exactly the weights
     that get quantized. Weights an earlier pass added (e.g. ``fuse``'s fixed 0/1 shortcut
     convolutions) have no twin; they stay at 8 bits, where they are exact.
     """
     import torch
     from torch.fx.experimental.optimization import fuse
+
+    from edgec.module_state import resize_to_weights
 
     source = artifact.extras.get("torch_model") or ctx.baseline
     if source is None:
@@ -336,8 +343,9 @@ def torch_twin(artifact: Artifact, ctx: Context, quantizer: Quantizer) -> tuple[
     except Exception as exc:
         raise PassError(f"mode 'mixed' needs an FX-traceable float model to fold BatchNorm: "
                         f"{type(exc).__name__}: {exc}") from exc
-    params = dict(model.named_parameters())
     values = quantizer.initializers
+    resize_to_weights(model, values)  # a pruned model's widths, on the unpruned architecture
+    params = dict(model.named_parameters())
     layers = [layer for layer, w in quantizer.tensor_names.items()
               if w in params and tuple(params[w].shape) == values[w].shape]
     if not layers:
