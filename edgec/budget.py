@@ -181,7 +181,7 @@ def _cascade_logits(session, x: np.ndarray, cascade: dict[str, Any] | None) -> n
     from edgec.exits import cascade_exits, confidence
 
     name = session.get_inputs()[0].name
-    if not cascade:
+    if not cascade or not cascade["exits"]:  # no exit kept: the final output alone
         return session.run(None, {name: x})[0]
     exits = cascade["exits"]
     names = ["logits", *[f"exit_{k}" for k in range(len(exits))]]

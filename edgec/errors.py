@@ -71,6 +71,10 @@ class MeasureError(EdgecError):
     """A measurement is invalid (no samples, bad protocol parameters)."""
 
 
+class SearchError(EdgecError):
+    """A search cannot start or resume (no recipe fits, the study was made with other choices)."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise MissingExtraError naming the pip command."""
     import importlib

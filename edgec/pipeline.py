@@ -171,11 +171,16 @@ class _CachedRun:
             self.status.append("hit")
             if self.ctx.ledger is not None:
                 self.ctx.ledger.restore(entry.meta["ledger"])
-            self.ctx.progress(f"pass {self.steps[index].pass_.name}: cache hit (it ran "
-                              f"{entry.meta['seconds']:.1f} s when it was stored)")
         if not self.entries:
             return self.source, 0
-        return self._restore(len(self.entries) - 1), len(self.entries)
+        restored = self._restore(len(self.entries) - 1)
+        for index, entry in enumerate(self.entries):
+            name = self.steps[index].pass_.name
+            self.ctx.progress(f"pass {name}: cache hit (it ran {entry.meta['seconds']:.1f} s "
+                              f"when it was stored)" if self.status[index] == "hit" else
+                              f"pass {name}: re-run on the cached input (its output is not "
+                              f"stored)")
+        return restored, len(self.entries)
 
     def _restore(self, index: int) -> Artifact:
         """The output of cached step ``index``, restoring (or re-running) its inputs first."""
@@ -194,7 +199,6 @@ class _CachedRun:
         if ledger is not None:
             spends = ledger.spends
             ledger.restore(self.entries[index - 1].meta["ledger"] if index else [])
-        self.ctx.progress(f"pass {step.pass_.name}: re-run (its output is not cached)")
         try:
             artifact = self._apply(step, base)
         finally:

@@ -121,3 +121,36 @@ def test_build_budget_lands_in_the_manifest(tmp_path):
     with pytest.raises(ConfigError, match="budget points -1.0 must be >= 0"):
         build(BuildRequest(model=EXAMPLES / "digits" / "model.toml", recipe="int8",
                            budget=-1.0, profile=False, out=Path(tmp_path) / "x"))
+
+
+def test_the_ledger_reads_a_cascade_as_its_runner_does(tmp_path, digits_model, digits_config,
+                                                       digits_calibration):
+    """An early-exit artifact is charged what its cascade answers (the first exit that is
+    confident enough), the same top-1 the artifact's own runner measures; a cascade that kept
+    no exit is its final output."""
+    import numpy as np
+
+    from edgec.build import write_artifact
+    from edgec.devices import LocalDevice
+    from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass
+
+    params = EarlyExitParams(after=("conv1",), train_count=600, threshold_count=300, epochs=3,
+                             cost_repeats=20,
+                             thresholds=(0.15,))  # a weak head (3 epochs): a low bar
+    steps = [Step(FusePass(), FuseParams(verify=False)), Step(EarlyExitPass(), params)]
+    ctx = Context(load_target("local"), digits_config.input, digits_calibration, tmp_path,
+                  baseline=digits_model)
+    cascade = Pipeline(steps).run(Artifact("torch", digits_model), ctx)
+    holdout = digits_calibration.slice(1000, 1297)
+    ledger = Ledger(BudgetSpec(1.0), holdout, digits_config.input, 100.0)
+    directory = tmp_path / "artifact"
+    directory.mkdir()
+    write_artifact(cascade, digits_config, load_target("local"), [], directory)
+    npz = tmp_path / "holdout.npz"
+    np.savez(npz, images=holdout.images, labels=holdout.labels)
+    measured = LocalDevice().evaluate(directory, str(npz))
+    assert 0 < measured["exits"][0] < len(holdout)  # the exit answers some images, not all
+    assert ledger.top1(cascade) == pytest.approx(measured["top1"] * 100, abs=0.5)
+    no_exit = Artifact("onnx", cascade.payload, extras={"cascade": {"exits": []}})
+    final_only = onnx_view_top1(cascade.payload, holdout, digits_config.input) * 100
+    assert ledger.top1(no_exit) == pytest.approx(final_only)
