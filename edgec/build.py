@@ -260,7 +260,7 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     if source.stage != "torch" or not request.profile or not takes_onnx:
         return Row("fp32", float_top1 or float("nan"), 0, None, top1_on)
     exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(
-        source, replace(ctx, ledger=None))
+        source, replace(ctx, ledger=None, progress=lambda message: None))  # not the recipe's
     directory = ctx.workdir / "fp32-reference"
     directory.mkdir()
     config = ModelConfig(name="fp32", input=ctx.input_spec, factory="-")

@@ -42,8 +42,8 @@ def step_key(input_key: str, step, ctx) -> str:
     return digest({
         "input": input_key, "pass": step.pass_.name, "params": asdict(step.params),
         "context": _context_read(step.pass_, ctx), "versions": library_versions(),
-        "seed": ctx.seed, "data": {"calibration": dataset_identity(ctx.calibration),
-                                   "evaluation": dataset_identity(ctx.evaluation)},
+        "seed": ctx.seed, "data": dataset_identity(ctx.calibration),  # passes never read the
+        # evaluation split (Context.evaluation is for reporting), so it is not keyed
         "ledger": ctx.ledger.key() if ctx.ledger is not None else None,
     })
 
