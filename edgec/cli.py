@@ -10,6 +10,7 @@ from rich.table import Table
 
 from edgec.cli_cache import cache_app
 from edgec.cli_devices import devices_app, profile
+from edgec.cli_search import search
 from edgec.cli_space import space
 from edgec.errors import EdgecError
 
@@ -100,7 +101,7 @@ def _progress(bar, task, message: str) -> None:
 
 def parse_overrides(items: list[str]) -> dict:
     """``["prune.ratio=0.2", "quantize.mode=mixed"]`` → values read as TOML (bare words stay
-    strings)."""
+    strings; ``none`` is None, e.g. ``prune.budget_points=none``)."""
     import tomllib
 
     from edgec.errors import ConfigError
@@ -113,7 +114,7 @@ def parse_overrides(items: list[str]) -> dict:
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
-            value = text
+            value = None if text.strip() == "none" else text  # TOML has no null
         overrides[key.strip()] = value
     return overrides
 
@@ -191,6 +192,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(cache_app, name="cache")
 app.command("profile")(profile)
 app.command("space")(space)
+app.command("search")(search)
 
 
 def main() -> None:

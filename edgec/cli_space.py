@@ -22,7 +22,7 @@ def space(
     """Print the search space of RECIPE for TARGET: every parameter its passes declare a range
     for, the choices the target cannot take removed, narrowed by the recipe's [search] table."""
     from edgec.recipes import load_recipe, recipe_search
-    from edgec.search.space import pipeline_space
+    from edgec.space import pipeline_space
     from edgec.targets import load_target
 
     try:
@@ -38,7 +38,7 @@ def space(
 
 
 def space_table(result, title: str) -> Table:
-    """The rows of :meth:`edgec.search.space.Space.to_table` as a rich table."""
+    """The rows of :meth:`edgec.space.Space.to_table` as a rich table."""
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)  # 80 columns
     for column in COLUMNS:  # names are never cut; choice lists and conditions fold
         folds = column in ("range", "condition")

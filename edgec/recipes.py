@@ -77,7 +77,7 @@ def recipe_search(path: str | Path) -> dict[str, Any]:
     """A recipe's ``[search]`` table, flat: ``{"pass.param": [values] | {low = …, high = …}}``.
 
     Keys may be quoted (``"prune.ratio" = [0.1, 0.2]``) or dotted (``prune.ratio = …``, which TOML
-    reads as one table per pass); :func:`edgec.search.space.pipeline_space` checks the names and
+    reads as one table per pass); :func:`edgec.space.pipeline_space` checks the names and
     the ranges against what the passes declare.
     """
     path = resolve_recipe(path)

@@ -121,6 +121,15 @@ def test_mac_ratios_reach_the_mac_cut_with_the_fewest_channels(digits_model, dig
     assert first["channel_ratio"] < second["channel_ratio"] < 1
 
 
+def test_taylor_importance_reaches_a_mac_cut(digits_model, digits_config, local_target,
+                                             digits_train):
+    """The bisection's probes rank channels by Taylor importance too (they need gradients)."""
+    params = PruneParams(ratio=0.3, ratio_of="macs", importance="taylor", finetune_epochs=0.0)
+    report = run_prune(digits_model, digits_config.input, params, local_target,
+                       digits_train).lineage[-1].report
+    assert report["macs_reduction"] >= 0.3 and report["channel_ratio"] > 0
+
+
 def test_unreachable_mac_ratio_is_a_pass_error(digits_model, digits_config, local_target):
     params = PruneParams(ratio=0.99, ratio_of="macs", channel_multiple=8)
     with pytest.raises(EdgecError, match="ratio 0.99 of MACs cannot be reached"):

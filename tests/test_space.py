@@ -17,7 +17,7 @@ from edgec.config import from_dict
 from edgec.errors import ConfigError
 from edgec.passes import PASSES
 from edgec.recipes import load_recipe, recipe_search
-from edgec.search.space import Categorical, FloatRange, IntRange, declared_dimensions, pipeline_space
+from edgec.space import Categorical, FloatRange, IntRange, declared_dimensions, pipeline_space
 from edgec.targets import load_target
 from tests.conftest import EXAMPLES
 

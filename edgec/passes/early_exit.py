@@ -43,7 +43,7 @@ from edgec.errors import BudgetError, PassError
 from edgec.onnx_export import export_onnx
 from edgec.pipeline import Context, Step
 from edgec.runner import runner
-from edgec.search.space import choices, int_range
+from edgec.space import choices, int_range
 from edgec.stage_timing import StageCall, StageTimingPlan
 from edgec.stages import auto_points, split_segments, stage_graphs, trace
 from edgec.train import distill

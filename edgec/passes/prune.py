@@ -33,7 +33,7 @@ from edgec.config import check_choice
 from edgec.data import AUGMENTS, Dataset, preprocess
 from edgec.errors import BudgetError, PassError
 from edgec.pipeline import Context, Step
-from edgec.search.space import boolean, choices
+from edgec.space import boolean, choices
 from edgec.train import distill
 
 MODES = ("channel", "2:4")
@@ -236,10 +236,11 @@ class _Job:
         if self.params.ratio_of == "channels" or ratio == 0:
             return ratio
         target = (1 - ratio) * self.macs_before
+        batch = self._batch()  # Taylor importance ranks by gradients, in the probes too
 
         def macs_at(channel_ratio: float) -> int:
             probe = copy.deepcopy(base)
-            self._prune(probe, channel_ratio)
+            self._prune(probe, channel_ratio, batch)
             return total_macs(probe, self.spec)
 
         low, high = 0.0, 0.999

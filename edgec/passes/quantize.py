@@ -33,7 +33,7 @@ from edgec.cpu import host_cpu, target_cpu
 from edgec.data import Dataset, preprocess, to_batches
 from edgec.errors import BudgetError, DataError, PassError
 from edgec.pipeline import Context, Step
-from edgec.search.space import boolean, choices, float_range
+from edgec.space import boolean, choices, float_range
 
 MODES = ("int8", "mixed")
 CALIBRATION_SOURCES = ("auto", "data", "datafree")

@@ -14,7 +14,7 @@ from edgec.artifact import Artifact
 from edgec.data import to_batches
 from edgec.errors import PassError, require
 from edgec.pipeline import Context, Step
-from edgec.search.space import boolean
+from edgec.space import boolean
 
 
 @dataclass(frozen=True)

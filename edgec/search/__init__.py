@@ -1,5 +1,3 @@
-"""Search over pass parameters: the space each pass declares (:mod:`edgec.search.space`).
-
-Kept import-light on purpose: every pass imports the declaration helpers from here, so nothing
-heavier than :mod:`edgec.search.space` may be imported by this package's ``__init__``.
-"""
+"""``edgec search``: one Optuna study over the recipes, their declared spaces (:mod:`edgec.space`)
+and the target's backends, measured on the device and picked inside the accuracy budget
+(:mod:`edgec.search.study`, :mod:`edgec.search.pick`, :mod:`edgec.search.report`)."""

@@ -1,0 +1,131 @@
+"""``edgec search MODEL --target T``: find the fastest configuration inside an accuracy budget,
+measured on the device; a live display while it runs, the pick and its rebuild command at the
+end (see :mod:`edgec.search.study`)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from edgec.errors import EdgecError
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def search(
+    model: Path = typer.Argument(..., help="model TOML (factory/checkpoint/input/data)"),
+    target: str = typer.Option("local", help="target name (see `edgec targets`) or TOML path"),
+    device: str = typer.Option("local", help="measure and evaluate on this device "
+                                             "(devices/NAME.toml)"),
+    budget: float = typer.Option(1.0, help="top-1 points a configuration may lose against the "
+                                           "float model on the held-out training slice"),
+    trials: int = typer.Option(24, help="configurations the study should hold, built and "
+                                        "measured (a resumed study counts its own)"),
+    timeout: float = typer.Option(None, help="start no new trial after this many seconds"),
+    study: str = typer.Option(None, help="study name (default: MODEL-TARGET); the same name and "
+                                         "storage resume it"),
+    storage: str = typer.Option(None, help="Optuna storage URL (default: "
+                                           "sqlite:///OUT/STUDY.db)"),
+    recipe: list[str] = typer.Option(None, help="a recipe to search (repeatable; default: fp32, "
+                                                "int8, prune-int8 where they fit)"),
+    backend: list[str] = typer.Option(None, help="only these of the target's backends "
+                                                 "(repeatable)"),
+    holdout: int = typer.Option(0, help="held-out calibration images the budget measures on "
+                                        "(0: the recipe's, else a fifth of the split)"),
+    data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
+    out: Path = typer.Option(None, help="folder of the report, the study's SQLite file and the "
+                                        "artifacts (default: search/STUDY)"),
+    repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
+    min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
+    threads: int = typer.Option(1, help="runtime threads during measurement"),
+    seed: int = typer.Option(0, help="the sampler's seed"),
+):
+    """Search recipes, their declared spaces and the target's backends for the fastest
+    configuration whose held-out top-1 drop stays inside --budget; print the pick and the
+    `edgec build` command that rebuilds it."""
+    import optuna
+
+    from edgec.measure import MeasureSpec
+    from edgec.search.study import SearchRequest, run_search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        request = SearchRequest(
+            model, target, device, budget, trials, timeout, study, storage, tuple(recipe or ()),
+            tuple(backend or ()), {"budget.holdout": holdout} if holdout else {},
+            MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data)
+        outcome = _run_live(request, run_search)
+    except EdgecError as exc:
+        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted: run the same command again to resume the study (finished "
+                     "trials are kept; the interrupted one is queued again)", highlight=False)
+        raise typer.Exit(130) from None
+    _print_outcome(outcome)
+    if outcome.pick is None:
+        raise typer.Exit(1)
+
+
+def _run_live(request, run_search):
+    """Run the search under a live panel; each finished trial stays on screen as one line."""
+    from rich.live import Live
+
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        def show(status) -> None:
+            if status.finished is not None:
+                live.console.print(trial_line(status.finished), highlight=False, markup=False)
+            live.update(status_panel(status))
+
+        return run_search(request, show)
+
+
+def status_panel(status) -> Group:
+    """trials built / asked, elapsed, what runs now, the best so far."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    minutes, seconds = divmod(int(status.elapsed_s), 60)
+    grid.add_row("trials", f"{status.done} / {status.total} built, {minutes}:{seconds:02d} elapsed")
+    if status.running:
+        grid.add_row("now", Text(f"{status.running}: {status.step}" if status.step
+                                 else status.running))
+    elif status.step:
+        grid.add_row("now", Text(status.step))
+    grid.add_row("best", Text(status.best))
+    return Group(grid)
+
+
+def trial_line(record) -> str:
+    """'trial 4 complete: int8 on onnxruntime, 0.018 ms ± 0.001, held-out 98.80 %, 11.5 KiB'."""
+    from edgec.search.study import describe
+
+    if record.state == "complete":
+        text = describe(record).partition(": ")[2]
+        return f"trial {record.number} complete{'' if record.feasible else ' (infeasible)'}: {text}"
+    return f"trial {record.number} {record.state}: {record.label()}: {record.attrs.get('error', '')}"
+
+
+def _print_outcome(outcome) -> None:
+    """The pick, why, the command that rebuilds it, and where the report is."""
+    console.print(f"search {outcome.plan.study_name}: {outcome.stopped}", highlight=False)
+    if outcome.pick is None:
+        console.print("no feasible trial: nothing picked; raise --budget or add --trials",
+                      style="yellow", highlight=False)
+    else:
+        from edgec.search.study import describe
+
+        console.print(f"[bold]pick[/]: {escape(describe(outcome.pick.record))}", highlight=False)
+        console.print(f"why: {outcome.pick.decision}", highlight=False, markup=False)
+        console.print("rebuild (from the cache):", highlight=False)
+        console.print(shlex.join(outcome.command), highlight=False, markup=False, soft_wrap=True)
+    for path in outcome.reports:
+        console.print(f"report: {path}", highlight=False, markup=False)

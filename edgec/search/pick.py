@@ -1,0 +1,134 @@
+"""Picking one configuration from the search's front.
+
+The pick is the fastest feasible trial on the Pareto front. Boards are noisy, so when the 95 %
+intervals of the two fastest distinct artifacts on the front overlap, both are measured again,
+interleaved (A B A B …, ``remeasure_rounds`` rounds through the device's own ``measure``), and the
+one with the lower median over all those samples wins if it is more than EQUAL_FRACTION faster
+and faster in most rounds; otherwise they are equal and the more accurate (held-out top-1), then
+the smaller, wins. What happened is kept in :class:`Pick` (and the study's ``pick`` attribute).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import EdgecError
+from edgec.measure import MeasureSpec
+
+EQUAL_FRACTION = 0.02  # medians closer than 2 % of the faster one: the finalists are equal
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The chosen trial, why it won, and the re-measurement when there was one."""
+
+    record: Any  # edgec.search.study.TrialRecord
+    decision: str
+    finalists: tuple[int, ...] = ()  # trial numbers re-measured, in the order measured
+    rounds: tuple[tuple[float, ...], ...] = ()  # per round: each finalist's median ms
+    medians_ms: tuple[float, ...] = ()  # each finalist's median over all its rounds' samples
+
+    @property
+    def number(self) -> int:
+        return self.record.number
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trial": self.number, "label": self.record.label(), "decision": self.decision,
+                "finalists": list(self.finalists),
+                "rounds_median_ms": [list(r) for r in self.rounds],
+                "medians_ms": list(self.medians_ms)}
+
+
+@dataclass(frozen=True)
+class Remeasure:
+    """Where and how finalists are measured again: the device, the protocol, the rounds."""
+
+    device: str = "local"
+    spec: MeasureSpec = MeasureSpec()
+    rounds: int = 4
+
+
+def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
+           progress: Callable[[str], None] = lambda message: None) -> Pick | None:
+    """The fastest feasible trial (:class:`edgec.search.study.TrialRecord`) on ``front`` (trial
+    numbers); None when no trial is feasible."""
+    ranked = sorted((r for r in records if r.number in front and r.feasible),
+                    key=lambda r: r.latency_ms)
+    if not ranked:
+        return None
+    first = ranked[0]
+    second = next((r for r in ranked[1:]
+                   if r.attrs["manifest_hash"] != first.attrs["manifest_hash"]), None)
+    if second is None:
+        return Pick(first, "the only distinct artifact on the feasible front")
+    if not overlap(first, second):
+        return Pick(first, f"fastest on the feasible front: {_lat(first)} against "
+                                    f"trial {second.number}'s {_lat(second)} (intervals apart)")
+    return _settle(first, second, again, progress)
+
+
+def overlap(a, b) -> bool:
+    """Whether the 95 % intervals of the two latency means overlap."""
+    return abs(a.latency_ms - b.latency_ms) <= a.ci95_ms + b.ci95_ms
+
+
+def _lat(record) -> str:
+    return f"{record.latency_ms:.4g} ms ± {record.ci95_ms:.2g}"
+
+
+def _settle(first, second, again: Remeasure, progress) -> Pick:
+    """Re-measure two finalists interleaved and decide between them."""
+    finalists = (first, second)
+    try:
+        samples = remeasure(finalists, again, progress)
+    except EdgecError as exc:
+        return Pick(first, f"intervals overlap with trial {second.number}, but re-measuring failed "
+                    f"({type(exc).__name__}: {exc}); kept the faster mean of the search")
+    rounds = tuple(tuple(statistics.median(s) for s in per_round) for per_round in samples)
+    medians = tuple(statistics.median([x for per_round in samples for x in per_round[i]])
+                    for i in range(2))
+    winner, why = _decide(finalists, rounds, medians)
+    numbers = tuple(r.number for r in finalists)
+    return Pick(winner, why, numbers, rounds, medians)
+
+
+def remeasure(finalists, again: Remeasure, progress) -> list[list[tuple[float, ...]]]:
+    """Per round, each finalist's latency samples (ms), measured A B A B … on the device."""
+    from edgec.devices import open_device
+
+    device = open_device(again.device)
+    out = []
+    try:
+        for round_ in range(again.rounds):
+            measured = []
+            for record in finalists:
+                progress(f"re-measuring trial {record.number} on {device.name} "
+                         f"(round {round_ + 1} of {again.rounds})")
+                measured.append(device.measure(Path(record.attrs["artifact"]),
+                                               again.spec).samples_ms)
+            out.append(measured)
+    finally:
+        getattr(device, "close", lambda: None)()
+    return out
+
+
+def _decide(finalists, rounds, medians) -> tuple[Any, str]:
+    """(winner, why): the lower median when it is clearly and consistently lower, else the more
+    accurate, then the smaller."""
+    (a, b), (ma, mb) = finalists, medians
+    faster = 0 if ma <= mb else 1
+    gap = abs(ma - mb) / min(ma, mb)
+    wins = sum(r[faster] < r[1 - faster] for r in rounds)
+    told = (f"re-measured interleaved over {len(rounds)} rounds: trial {a.number} median "
+            f"{ma:.4g} ms, trial {b.number} {mb:.4g} ms ({gap:.1%} apart; the faster won "
+            f"{wins} of {len(rounds)} rounds)")
+    if gap > EQUAL_FRACTION and wins * 2 > len(rounds):
+        return finalists[faster], f"{told}: trial {finalists[faster].number} is faster"
+    winner = max(finalists, key=lambda r: (r.heldout_top1, -r.size_bytes))
+    return winner, (f"{told}: equal within {EQUAL_FRACTION:.0%}, so the more accurate (then "
+                    f"smaller) trial {winner.number} ({winner.heldout_top1:.2f} % held-out, "
+                    f"{winner.size_bytes / 1024:.1f} KiB)")

@@ -1,0 +1,658 @@
+"""``edgec search``: one Optuna study over recipes, their declared spaces and the target's backends.
+
+A trial chooses a recipe (the categorical parameter ``recipe``), that recipe's backend
+(``<recipe>/backend``) and a point of the recipe's declared space for the target
+(:func:`edgec.space.pipeline_space`, narrowed by its ``[search]``), each dimension asked as
+``<recipe>/<pass.param>`` so that one name always has one distribution, whichever recipes a
+study holds. The trial is an ordinary ``edgec build`` (:func:`edgec.build.build`) with those
+overrides, so the step cache shares the work of trials with a common prefix and a configuration
+built before costs a cache lookup.
+
+Objectives: latency mean on the device (ms, minimised), top-1 on the accuracy budget's held-out
+slice of the training split (percent, maximised; the test split's top-1 is stored for reporting
+and never chooses anything) and the model files' size (bytes, minimised). The budget is an
+Optuna constraint (``trial.set_constraint``; feasible when the held-out drop is within the
+points). A build that fails, a BudgetError included, is a FAIL trial with the error stored in its
+user attributes; the study goes on. The storage (SQLite by default) is the search's memory: the
+same ``study`` and ``storage`` resume it, and trials already finished are not run again.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+import traceback
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import BudgetError, EdgecError, SearchError
+from edgec.measure import MeasureSpec
+from edgec.space import Space
+
+DIRECTIONS = ("minimize", "maximize", "minimize")  # latency ms, held-out top-1 %, size bytes
+CONSTRAINT = "accuracy_budget"  # held-out drop minus the budget's points: feasible when <= 0
+DEFAULT_RECIPES = ("fp32", "int8", "prune-int8")  # searched when they fit the target
+BASELINES = ("fp32", "int8")  # enqueued first, with the recipes' own values, so they are plotted
+CASCADE_PASSES = ("early_exit",)  # their models deploy as cascades: the build picks the backend
+AUTO_BACKEND = "auto"  # the backend choice of such recipes: whatever the build chooses
+STARTUP_TRIALS = 8  # random trials before TPE models the front (the baselines count)
+MAX_REPEATS = 20  # the sampler asked this many built configurations in a row: stop
+RECIPE_PARAM = "recipe"
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """What ``edgec search`` needs. ``overrides`` are fixed for every trial (``{"budget.holdout":
+    250}`` for a small calibration split); a ``pass.param`` key applies to the recipes that run
+    that pass. Unset names resolve in :func:`plan_search`."""
+
+    model: Path
+    target: str = "local"
+    device: str = "local"  # measure (and evaluate) there: devices/NAME.toml
+    budget: float = 1.0  # top-1 points a configuration may lose on the held-out slice
+    trials: int = 24  # finished trials the study should hold (a resumed study counts its own)
+    timeout_s: float | None = None  # no new trial starts after this many seconds of this run
+    study: str | None = None  # default: <model name>-<target>
+    storage: str | None = None  # default: sqlite:///<out>/<study>.db
+    recipes: tuple[str, ...] = ()  # names or TOML paths; default: DEFAULT_RECIPES that fit
+    backends: tuple[str, ...] = ()  # only these of the target's backends (default: all that fit)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
+    out: Path | None = None  # default: search/<study>; artifacts go to <out>/build
+    seed: int = 0
+    data: Path | None = None  # data TOML (default: the model TOML's)
+    remeasure_rounds: int = 4  # interleaved rounds when the two fastest cannot be told apart
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A recipe the study may choose: its space for the target and the backends it may use."""
+
+    name: str  # the pipeline's name: the value of the study's ``recipe`` parameter
+    recipe: str  # as the user gave it (built-in name or TOML path), for the rebuild command
+    space: Space
+    backends: tuple[str, ...]
+    passes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A request resolved: study name, folders, storage, the recipes and why others sit out."""
+
+    request: SearchRequest
+    study_name: str
+    out: Path
+    storage: str
+    candidates: dict[str, Candidate]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def build_root(self) -> Path:
+        return self.out / "build"
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One configuration: recipe, backend and the overrides handed to the build."""
+
+    recipe: str
+    backend: str
+    overrides: dict[str, Any]
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished (or running) trial as the report and the pick read it."""
+
+    number: int
+    state: str  # complete | failed | over budget | interrupted | running
+    values: tuple[float, ...] | None
+    feasible: bool
+    attrs: dict[str, Any]
+
+    @property
+    def recipe(self) -> str:
+        return self.attrs.get("recipe", "?")
+
+    @property
+    def backend(self) -> str:
+        return self.attrs.get("backend", "?")
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return self.attrs.get("overrides", {})
+
+    @property
+    def baseline(self) -> bool:
+        return bool(self.attrs.get("baseline"))
+
+    @property
+    def latency_ms(self) -> float:
+        return self.attrs["latency_mean_ms"]
+
+    @property
+    def ci95_ms(self) -> float:
+        return self.attrs["latency_ci95_ms"]
+
+    @property
+    def heldout_top1(self) -> float:
+        return self.attrs["heldout_top1"]
+
+    @property
+    def size_bytes(self) -> int:
+        return self.attrs["size_bytes"]
+
+    @property
+    def counts(self) -> bool:
+        """Whether it counts towards the trials asked for: built (complete or failed), not
+        interrupted and not a repeat of an earlier configuration."""
+        return self.state not in ("running", "interrupted") and "repeat_of" not in self.attrs
+
+    def label(self) -> str:
+        """'int8 on onnxruntime (quantize.mode=mixed)'; floats to 4 significant digits."""
+        changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in self.overrides.items() if not k.startswith("budget."))
+        return f"{self.recipe} on {self.backend}" + (f" ({changes})" if changes else "")
+
+
+@dataclass(frozen=True)
+class SearchStatus:
+    """What a live display shows: progress, the trial being built and the best so far."""
+
+    done: int
+    total: int
+    elapsed_s: float
+    running: str = ""  # "trial 5: int8 on onnxruntime"
+    step: str = ""  # the build's latest progress message
+    best: str = ""  # the fastest feasible trial so far
+    finished: TrialRecord | None = None  # set once, when a trial of this run ends
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The study after this run: every trial, those run now, the pick and the report files."""
+
+    plan: SearchPlan
+    records: tuple[TrialRecord, ...]
+    front: tuple[int, ...]  # feasible Pareto-optimal trial numbers
+    new_trials: tuple[int, ...]
+    pick: Any = None  # edgec.search.pick.Pick, or None without a feasible trial
+    command: tuple[str, ...] = ()  # `edgec build ...` that rebuilds the pick (from the cache)
+    stopped: str = ""  # why this run stopped asking for trials
+    reports: tuple[Path, ...] = ()
+
+
+# ----- planning ---------------------------------------------------------------------------
+def plan_search(request: SearchRequest) -> SearchPlan:
+    """Resolve names and defaults; SearchError when no recipe can be searched on the target."""
+    from edgec.model import load_model_config
+    from edgec.targets import load_target
+
+    if request.trials < 1:
+        raise SearchError(f"--trials {request.trials}: a search needs at least 1 trial")
+    config, target = load_model_config(request.model), load_target(request.target)
+    unknown = [name for name in request.backends if name not in target.backends]
+    if unknown:
+        raise SearchError(f"--backend {', '.join(unknown)}: not a backend of target "
+                          f"{target.name!r}; choose from {', '.join(target.backends)}")
+    study = request.study or f"{config.name}-{target.name}"
+    if "/" in study or not study.strip():
+        raise SearchError(f"--study {study!r}: give a name without '/', e.g. {config.name}-search")
+    out = Path(request.out) if request.out else Path("search") / study
+    storage = request.storage or f"sqlite:///{out / f'{study}.db'}"
+    candidates, skipped = _candidates(request, target)
+    return SearchPlan(request, study, out, storage, candidates, tuple(skipped))
+
+
+def _candidates(request: SearchRequest, target) -> tuple[dict[str, Candidate], list]:
+    """The recipes to search; a named one that cannot run on the target is a SearchError, a
+    default one is skipped with its reason."""
+    named = bool(request.recipes)
+    candidates, skipped = {}, []
+    for recipe in request.recipes or DEFAULT_RECIPES:
+        candidate, reason = _candidate(recipe, target, request)
+        if reason and named:
+            raise SearchError(f"--recipe {recipe}: {reason}")
+        if reason:
+            skipped.append((recipe, reason))
+            continue
+        if candidate.name in candidates:
+            raise SearchError(f"--recipe {recipe}: a recipe named {candidate.name!r} is already "
+                              f"searched; give each recipe its own name")
+        candidates[candidate.name] = candidate
+    if not candidates:
+        why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+        raise SearchError(f"no recipe to search on target {target.name!r} ({why}); name one "
+                          f"with --recipe (see `edgec recipes`)")
+    return candidates, skipped
+
+
+def _candidate(recipe: str, target, request: SearchRequest) -> tuple[Candidate | None, str]:
+    """(the recipe as a candidate, '') or (None, why it cannot be searched on ``target``)."""
+    from edgec.recipes import load_recipe, recipe_search
+    from edgec.space import pipeline_space
+
+    pipeline = load_recipe(recipe)
+    unsupported = [f"{s.pass_.name}: {r}" for s in pipeline.steps if (r := s.pass_.supports(target))]
+    if unsupported:
+        return None, f"target {target.name!r} cannot run it ({'; '.join(unsupported)})"
+    passes = tuple(step.pass_.name for step in pipeline.steps)
+    only = request.backends
+    backends = _backends(pipeline, target, only)
+    if not backends:
+        return None, (f"no backend of target {target.name!r}"
+                      f"{' among ' + ', '.join(only) if only else ''} takes its "
+                      f"{pipeline.steps[-1].pass_.produces!r} output")
+    space = pipeline_space(pipeline, target, recipe_search(recipe))
+    candidate = Candidate(pipeline.name, str(recipe), space, backends, passes)
+    pipeline.with_overrides(fixed_overrides(request, candidate))  # a bad one fails here, once
+    return candidate, ""
+
+
+def _backends(pipeline, target, only: tuple[str, ...]) -> tuple[str, ...]:
+    """The target's backends (or ``only`` of them) that consume what the pipeline produces and
+    support the target; an early-exit recipe deploys as a cascade, which the build picks."""
+    from edgec.backends import BACKENDS
+
+    if any(step.pass_.name in CASCADE_PASSES for step in pipeline.steps):
+        return (AUTO_BACKEND,)
+    produces = pipeline.steps[-1].pass_.produces
+    return tuple(name for name in target.backends
+                 if (not only or name in only) and name in BACKENDS
+                 and BACKENDS[name].consumes == produces and BACKENDS[name]().supports(target)
+                 is None)
+
+
+# ----- the study --------------------------------------------------------------------------
+def open_study(plan: SearchPlan):
+    """Create the study, or load it (``load_if_exists``) to resume; the baselines enqueued.
+
+    TPE, multi-objective, with ``group=True``: the space is conditional (each recipe asks its
+    own parameters), and grouped TPE models each recipe's parameters jointly instead of falling
+    back to random sampling outside their intersection, as NSGA-II would; NSGA-II's generations
+    (50 trials by default) are also more than a board's search can afford. The sampler's seed
+    moves with the trials already in the study, so a resumed search does not replay the random
+    draws of its first run."""
+    import optuna
+
+    if plan.storage.startswith("sqlite:///"):
+        Path(plan.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(storage=plan.storage, study_name=plan.study_name,
+                                    directions=list(DIRECTIONS), load_if_exists=True,
+                                    sampler=_sampler(plan.request.seed))
+    except (ValueError, ImportError, RuntimeError) as exc:
+        raise SearchError(f"cannot open study {plan.study_name!r} in {plan.storage}: {exc}; "
+                          f"check --storage or use another --study") from exc
+    _check_recipes(study, plan)
+    study.sampler = _sampler(plan.request.seed + len(study.trials))
+    for name in (name for name in plan.candidates if name in BASELINES):  # in --recipe order
+        enqueue_config(study, plan.candidates[name], plan.candidates[name].backends[0])
+    return study
+
+
+def _sampler(seed: int):
+    """Multi-objective TPE, grouped (see :func:`open_study`); constraints are read from the
+    trials (``set_constraint``), not from a ``constraints_func``, which Optuna 5 deprecates."""
+    import optuna
+
+    with warnings.catch_warnings():  # `group` is experimental in Optuna 5; it is what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=STARTUP_TRIALS)
+
+
+def _check_recipes(study, plan: SearchPlan) -> None:
+    """A study keeps one set of recipes: Optuna refuses another distribution for ``recipe``."""
+    for trial in study.get_trials(deepcopy=False):
+        known = trial.distributions.get(RECIPE_PARAM)
+        if known is not None and tuple(known.choices) != tuple(plan.candidates):
+            raise SearchError(
+                f"study {plan.study_name!r} searches the recipes {list(known.choices)}, this run "
+                f"{list(plan.candidates)}; resume with the same --recipe list or start another "
+                f"--study")
+
+
+def enqueue_config(study, candidate: Candidate, backend: str,
+                   overrides: Mapping[str, Any] | None = None) -> None:
+    """Queue a configuration to be tried next (skipped when the study holds it already);
+    without ``overrides`` it is the recipe as written, a baseline."""
+    params = {RECIPE_PARAM: candidate.name, f"{candidate.name}/backend": backend}
+    params.update({f"{candidate.name}/{key}": value for key, value in (overrides or {}).items()})
+    attrs = {"baseline": True} if overrides is None else None
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+
+
+class _Prefixed:
+    """An Optuna trial seen through a prefix: ``suggest_categorical("quantize.mode", ...)`` asks
+    for ``int8/quantize.mode``, so the space's own names (and conditions) stay as declared."""
+
+    def __init__(self, trial, prefix: str):
+        self._trial, self._prefix = trial, prefix
+
+    def suggest_categorical(self, name: str, choices):
+        return self._trial.suggest_categorical(self._prefix + name, choices)
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False):
+        return self._trial.suggest_int(self._prefix + name, low, high, step=step, log=log)
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False):
+        return self._trial.suggest_float(self._prefix + name, low, high, log=log)
+
+
+def ask_config(trial, plan: SearchPlan) -> TrialConfig:
+    """Ask ``trial`` for a recipe, its backend and (unless it is a baseline) a point of its
+    space; the request's fixed overrides are added where they apply."""
+    name = trial.suggest_categorical(RECIPE_PARAM, list(plan.candidates))
+    candidate = plan.candidates[name]
+    backend = trial.suggest_categorical(f"{name}/backend", list(candidate.backends))
+    baseline = bool(trial.user_attrs.get("baseline"))
+    point = {} if baseline else candidate.space.suggest(_Prefixed(trial, f"{name}/"))
+    return TrialConfig(name, backend, {**fixed_overrides(plan.request, candidate), **point},
+                       baseline)
+
+
+def fixed_overrides(request: SearchRequest, candidate: Candidate) -> dict[str, Any]:
+    """The request's overrides that apply to ``candidate``; ``budget.points`` first whenever a
+    ``budget.*`` key is set (a recipe without ``[budget]`` needs its points before the rest)."""
+    applies = {key: value for key, value in request.overrides.items()
+               if key.startswith("budget.") or key.partition(".")[0] in candidate.passes}
+    if any(key.startswith("budget.") for key in applies):
+        return {"budget.points": request.budget, **applies}
+    return applies
+
+
+# ----- one trial --------------------------------------------------------------------------
+def build_request(plan: SearchPlan, config: TrialConfig):
+    """The :class:`edgec.build.BuildRequest` of one configuration."""
+    from edgec.build import BuildRequest
+
+    request = plan.request
+    return BuildRequest(request.model, request.target, plan.candidates[config.recipe].recipe,
+                        request.data, plan.build_root, request.measure, device=request.device,
+                        backend=None if config.backend == AUTO_BACKEND else config.backend,
+                        overrides=dict(config.overrides), budget=request.budget)
+
+
+def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
+              progress: Callable[[str], None]) -> None:
+    """Build and measure ``config`` (asked of ``trial``) and tell the study; a failure is a FAIL
+    trial with its error."""
+    from edgec.build import build
+
+    started = time.monotonic()
+    _set_attrs(trial, _config_attrs(plan, config))
+    try:
+        result = build(build_request(plan, config), progress)
+        values, drop = _objectives(trial, result)
+        trial.set_constraint(CONSTRAINT, drop - result.manifest["budget"]["points"])
+        trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
+        trial.set_user_attr("status", "complete")
+        study.tell(trial, values)
+    except BudgetError as exc:
+        _fail(study, trial, started, "over budget", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # an EdgecError, or a bug: neither may end the study
+        _fail(study, trial, started, "failed", f"{type(exc).__name__}: {exc}", _bug_trace(exc))
+
+
+def tell_repeat(study, trial, config: TrialConfig, plan: SearchPlan,
+                earlier: TrialRecord) -> None:
+    """Tell ``trial``, which asked for the configuration of the finished trial ``earlier``,
+    what that one found, without building; it is marked ``repeat_of`` and not counted."""
+    import optuna
+
+    copied = {k: v for k, v in earlier.attrs.items() if k not in ("seconds", "baseline")}
+    _set_attrs(trial, {**copied, **_config_attrs(plan, config), "repeat_of": earlier.number,
+                       "seconds": 0.0})
+    if earlier.state != "complete":
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    trial.set_constraint(CONSTRAINT, earlier.attrs["heldout_drop"] - earlier.attrs["budget_points"])
+    study.tell(trial, list(earlier.values))
+
+
+def same_config(records: tuple[TrialRecord, ...], config: TrialConfig) -> TrialRecord | None:
+    """The first finished, built trial of the same recipe, backend and overrides, if any."""
+    return next((r for r in records if r.counts and r.recipe == config.recipe
+                 and r.backend == config.backend and r.overrides == config.overrides), None)
+
+
+def _set_attrs(trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def _config_attrs(plan: SearchPlan, config: TrialConfig) -> dict[str, Any]:
+    return {"recipe": config.recipe, "recipe_ref": plan.candidates[config.recipe].recipe,
+            "backend": config.backend, "overrides": config.overrides,
+            "baseline": config.baseline}
+
+
+def _objectives(trial, result) -> tuple[tuple[float, float, int], float]:
+    """Store what the trial measured in its user attributes; (objective values, held-out drop)."""
+    manifest, latency = result.manifest, result.rows[1].latency
+    if latency is None:
+        raise SearchError("the build measured no latency (the target's code does not run here "
+                          "and no --device was given)")
+    ledger = manifest["budget"]
+    heldout = ledger["reference_top1"] - ledger["spent"]
+    test = manifest.get("accuracy", {}).get("top1")
+    attrs = {
+        "artifact": str(result.directory), "manifest_hash": manifest["hash"],
+        "latency_mean_ms": latency.mean, "latency_ci95_ms": latency.ci95,
+        "latency_p50_ms": latency.p50, "latency_from_cache": bool(latency.extra.get("from_cache")),
+        "heldout_top1": round(heldout, 4), "heldout_drop": ledger["spent"],
+        "reference_top1": ledger["reference_top1"], "budget_points": ledger["points"],
+        "test_top1": None if test is None else round(test * 100, 4),
+        "size_bytes": manifest["size_bytes"],
+        "steps": [[step["pass"], step.get("cache", "run")] for step in manifest["lineage"]],
+        "warnings": list(result.warnings)}
+    _set_attrs(trial, attrs)
+    return (latency.mean, heldout, manifest["size_bytes"]), ledger["spent"]
+
+
+def _fail(study, trial, started: float, status: str, error: str, trace: str = "") -> None:
+    import optuna
+
+    trial.set_user_attr("status", status)
+    trial.set_user_attr("error", error)
+    if trace:
+        trial.set_user_attr("traceback", trace)
+    trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
+    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+def _bug_trace(exc: BaseException) -> str:
+    """The last frames where a non-edgec exception (a bug, not a refusal) was raised, also when
+    a pass wrapped it in a PassError; '' for edgec's own errors."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, EdgecError):
+        return ""
+    return "".join(traceback.format_exception(root, limit=-4))
+
+
+def interrupted(study, trial, started: float) -> None:
+    """Ctrl-C while ``trial`` ran: a FAIL trial marked ``interrupted`` (not counted), and what it
+    had asked queued again so that the resumed search tries it first."""
+    try:
+        _fail(study, trial, started, "interrupted", "interrupted by the user (Ctrl-C)")
+    except RuntimeError:  # it had been told already: nothing to try again
+        return
+    if trial.params:
+        baseline = {"baseline": True} if trial.user_attrs.get("baseline") else None
+        study.enqueue_trial(dict(trial.params), user_attrs=baseline)
+
+
+# ----- reading the study back -------------------------------------------------------------
+def trial_records(study) -> tuple[TrialRecord, ...]:
+    """Every trial of the study that started, in order."""
+    import optuna
+
+    states = {optuna.trial.TrialState.COMPLETE: "complete",
+              optuna.trial.TrialState.FAIL: "failed",
+              optuna.trial.TrialState.RUNNING: "running"}
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state not in states:
+            continue  # waiting (enqueued, not started) or pruned
+        state = trial.user_attrs.get("status", states[trial.state])
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            state = "running"
+        feasible = all(v <= 0 for v in trial.constraints.values()) and state == "complete"
+        records.append(TrialRecord(trial.number, state, tuple(trial.values or ()) or None,
+                                   feasible, dict(trial.user_attrs)))
+    return tuple(records)
+
+
+def finished(records: tuple[TrialRecord, ...]) -> int:
+    """Trials that count towards ``trials``: built (complete or failed), not interrupted, not
+    repeats of an earlier configuration."""
+    return sum(r.counts for r in records)
+
+
+def best_so_far(records: tuple[TrialRecord, ...]) -> TrialRecord | None:
+    """The fastest feasible trial."""
+    feasible = [r for r in records if r.feasible]
+    return min(feasible, key=lambda r: r.latency_ms) if feasible else None
+
+
+def describe(record: TrialRecord | None) -> str:
+    """'trial 3: int8 on onnxruntime, 0.018 ms ± 0.001, held-out 98.80 %, 11.5 KiB'."""
+    if record is None:
+        return "no feasible trial yet"
+    return (f"trial {record.number}: {record.label()}, {record.latency_ms:.4g} ms "
+            f"± {record.ci95_ms:.2g}, held-out {record.heldout_top1:.2f} %, "
+            f"{record.size_bytes / 1024:.1f} KiB")
+
+
+# ----- the search -------------------------------------------------------------------------
+def run_search(request: SearchRequest,
+               on_status: Callable[[SearchStatus], None] = lambda status: None) -> SearchOutcome:
+    """Run trials until the study holds ``request.trials`` built ones, the timeout passes or the
+    sampler only repeats configurations; then pick (:mod:`edgec.search.pick`) and write the
+    report (:mod:`edgec.search.report`)."""
+    from edgec.search.pick import Remeasure, choose
+    from edgec.search.report import write_report
+
+    plan = plan_search(request)
+    study = open_study(plan)
+    records, status, new, stopped = _run_trials(study, plan, on_status)
+    front = tuple(t.number for t in study.best_trials)
+    again = Remeasure(request.device, request.measure, request.remeasure_rounds)
+    pick = choose(records, front, again,
+                  lambda message: on_status(replace(status, step=message, finished=None)))
+    command = rebuild_command(plan, pick.record) if pick else ()
+    if pick is not None:
+        study.set_user_attr("pick", {**pick.to_json(), "command": list(command)})
+    outcome = SearchOutcome(plan, records, front, tuple(new), pick, command, stopped)
+    return replace(outcome, reports=write_report(outcome))
+
+
+def _run_trials(study, plan: SearchPlan, on_status):
+    """The trial loop: (records, last status, numbers of the trials built, why it stopped)."""
+    request = plan.request
+    clock = _Clock(time.monotonic(), request.timeout_s)
+    new, repeats, records = [], 0, trial_records(study)
+    status = SearchStatus(finished(records), request.trials, 0.0, best=describe(best_so_far(records)))
+    on_status(status)
+    while status.done < request.trials and not clock.out() and repeats < MAX_REPEATS:
+        trial = study.ask()
+        try:
+            built = _one_trial(study, trial, plan, records, status, clock, on_status)
+        except KeyboardInterrupt:
+            interrupted(study, trial, time.monotonic())
+            raise
+        records = trial_records(study)
+        repeats = 0 if built else repeats + 1
+        if built:
+            new.append(trial.number)
+            status = replace(status, done=finished(records), running="", step="",
+                             elapsed_s=clock.elapsed(), best=describe(best_so_far(records)),
+                             finished=next(r for r in records if r.number == trial.number))
+            on_status(status)
+    return records, status, new, _stop_reason(status, request, repeats, clock)
+
+
+def _one_trial(study, trial, plan: SearchPlan, records, status: SearchStatus, clock,
+               on_status) -> bool:
+    """Ask ``trial`` for a configuration and build it (True), or tell it the result of the
+    same configuration built before (False)."""
+    config = ask_config(trial, plan)
+    earlier = same_config(records, config)
+    if earlier is not None:
+        tell_repeat(study, trial, config, plan, earlier)
+        return False
+    status = replace(status, running=f"trial {trial.number}: {config.recipe} on {config.backend}",
+                     step="", finished=None)
+    on_status(status)
+    run_trial(study, trial, config, plan, lambda message: on_status(
+        replace(status, step=message, elapsed_s=clock.elapsed())))
+    return True
+
+
+@dataclass(frozen=True)
+class _Clock:
+    started: float
+    timeout_s: float | None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def out(self) -> bool:
+        return self.timeout_s is not None and self.elapsed() >= self.timeout_s
+
+
+def _stop_reason(status: SearchStatus, request: SearchRequest, repeats: int,
+                 clock: _Clock) -> str:
+    if status.done >= request.trials:
+        return f"the study holds {status.done} built trials ({request.trials} asked)"
+    if repeats >= MAX_REPEATS:
+        return (f"the sampler asked only for configurations already built, {repeats} times in a "
+                f"row: the space looks exhausted at {status.done} trials")
+    return f"the timeout of {clock.timeout_s:g} s passed after {status.done} trials"
+
+
+# ----- the rebuild command ----------------------------------------------------------------
+def rebuild_command(plan: SearchPlan, record: TrialRecord) -> tuple[str, ...]:
+    """``edgec build`` arguments that give the trial's artifact again (every step, evaluation
+    and measurement from the cache)."""
+    request, spec = plan.request, plan.request.measure
+    args = ["edgec", "build", str(request.model), "--target", request.target,
+            "--recipe", record.attrs["recipe_ref"], "--budget", _number(request.budget),
+            "--out", str(plan.build_root), "--repeat", str(spec.repeat),
+            "--min-time", _number(spec.min_time_s), "--threads", str(spec.threads)]
+    if record.backend != AUTO_BACKEND:
+        args += ["--backend", record.backend]
+    if request.device != "local":
+        args += ["--device", request.device]
+    if request.data:
+        args += ["--data", str(request.data)]
+    for key, value in record.overrides.items():
+        args += ["--set", f"{key}={toml_text(value)}"]
+    return tuple(args)
+
+
+def _number(value: float) -> str:
+    return repr(float(value))
+
+
+def toml_text(value: Any) -> str:
+    """A value as ``--set`` reads it (TOML; a bare word stays a string); None as ``none``, the
+    word a recipe's ``[search]`` uses for it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        try:
+            tomllib.loads(f"v = {value}")
+        except tomllib.TOMLDecodeError:
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,208 @@
+"""``edgec search`` end to end on the digits example: a real study (Optuna, SQLite), real builds
+through the step cache, real measurements on this host, the report files read back."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import EXAMPLES
+
+DIGITS = EXAMPLES / "digits" / "model.toml"
+HOLDOUT = {"budget.holdout": 250}  # digits' calibration split has 1,297 images
+
+
+def _request(out: Path, **changes):
+    from edgec.measure import MeasureSpec
+    from edgec.search.study import SearchRequest
+
+    request = SearchRequest(DIGITS, trials=4, out=out, overrides=dict(HOLDOUT),
+                            measure=MeasureSpec(repeat=20, min_time_s=0.05))
+    return replace(request, **changes)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 4-trial search over the default recipes in a fresh cache, and its wall time."""
+    from edgec.search.study import run_search
+
+    root = tmp_path_factory.mktemp("search")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEC_CACHE", str(root / "cache"))
+        started = time.monotonic()
+        outcome = run_search(_request(root / "out"))
+        seconds = time.monotonic() - started
+        yield outcome, seconds, root
+
+
+def test_four_trials_end_to_end_with_a_real_plot(searched):
+    from matplotlib import image
+
+    outcome, seconds, _ = searched
+    assert seconds < 150, f"a 4-trial digits search took {seconds:.0f} s"
+    built = [r for r in outcome.records if r.counts]
+    assert len(built) == 4 and len(outcome.new_trials) == 4
+    assert [(r.recipe, r.baseline) for r in built[:2]] == [("fp32", True), ("int8", True)]
+    assert {path.name for path in outcome.reports} == {"pareto.png", "report.md", "report.html"}
+    picture = image.imread(outcome.plan.out / "pareto.png")
+    height, width = picture.shape[:2]
+    assert height >= 400 and width >= 600
+    colours = np.unique((picture[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 50  # markers, error bars, text, the front: not a blank canvas
+    inked = (picture[..., :3] < 0.9).any(axis=-1).mean()
+    assert 0.01 < inked < 0.6
+    orange = np.abs(picture[..., :3] - np.array([1.0, 0.624, 0.11])).max(axis=-1) < 0.05
+    assert orange.sum() > 50  # the pick's star
+    report = (outcome.plan.out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line[:4].strip("| ").isdigit()]
+    assert len([row for row in rows if "repeat of trial" not in row]) == 4
+    page = (outcome.plan.out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "src='http" not in page
+
+
+def test_trials_store_what_they_measured(searched):
+    outcome, _, _ = searched
+    complete = [r for r in outcome.records if r.state == "complete"]
+    assert complete
+    for record in complete:
+        attrs = record.attrs
+        assert Path(attrs["artifact"], "manifest.json").is_file()
+        manifest = json.loads(Path(attrs["artifact"], "manifest.json").read_text())
+        assert attrs["manifest_hash"] == manifest["hash"]
+        assert attrs["heldout_top1"] == pytest.approx(attrs["reference_top1"]
+                                                      - attrs["heldout_drop"], abs=1e-3)
+        assert record.values == (attrs["latency_mean_ms"], attrs["heldout_top1"],
+                                 attrs["size_bytes"])
+        assert 0 < attrs["test_top1"] <= 100 and attrs["latency_ci95_ms"] >= 0
+        assert [step[0] for step in attrs["steps"]] == [s["pass"] for s in manifest["lineage"]]
+
+
+def test_pick_is_feasible_and_its_rebuild_command_parses_and_hits_the_cache(searched):
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from edgec.cli import app, parse_overrides
+
+    outcome, _, root = searched
+    pick = outcome.pick
+    assert pick is not None and pick.record.feasible
+    assert pick.number in outcome.front
+    assert pick.record.attrs["heldout_drop"] <= outcome.plan.request.budget
+    if not pick.finalists:  # no re-measurement: the fastest feasible trial on the front
+        assert pick.record.latency_ms == min(r.latency_ms for r in outcome.records
+                                             if r.feasible and r.number in outcome.front)
+    args = list(outcome.command)
+    assert args[:2] == ["edgec", "build"] and shlex.split(shlex.join(args)) == args
+    group = get_command(app)
+    build = group.get_command(group.make_context("edgec", args[1:]), "build")
+    params = build.make_context("build", args[2:]).params
+    assert params["recipe"] == pick.record.attrs["recipe_ref"]
+    assert parse_overrides(params["set_"]) == {
+        key: "none" if value is None else value for key, value in pick.record.overrides.items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEC_CACHE", str(root / "cache"))
+        result = CliRunner().invoke(app, args[1:])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("cache hit") == len(pick.record.attrs["steps"])
+    profile = json.loads(Path(pick.record.attrs["artifact"], "profile.json").read_text())
+    assert profile["from_cache"] is True
+
+
+def test_overlapping_finalists_are_remeasured_interleaved(searched):
+    from edgec.search.pick import Remeasure, choose
+
+    outcome, _, _ = searched
+    distinct = {r.attrs["manifest_hash"]: r for r in outcome.records if r.state == "complete"}
+    first, second = list(distinct.values())[:2]
+    wide = [replace(r, attrs={**r.attrs, "latency_ci95_ms": 1.0}) for r in (first, second)]
+    spec = outcome.plan.request.measure
+    pick = choose(tuple(wide), (first.number, second.number), Remeasure("local", spec, 3))
+    assert pick.finalists == (min(wide, key=lambda r: r.latency_ms).number,
+                              max(wide, key=lambda r: r.latency_ms).number)
+    assert len(pick.rounds) == 3 and all(len(r) == 2 and min(r) > 0 for r in pick.rounds)
+    assert "re-measured interleaved over 3 rounds" in pick.decision
+    assert pick.number in (first.number, second.number)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    import optuna
+
+    from edgec.search.study import run_search
+
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    # mixed precision needs 2,512 calibration images; digits has 1,297: a DataError at build time
+    request = _request(tmp_path / "out", recipes=("int8", "fp32"), backends=("onnxruntime",),
+                       trials=3, overrides={**HOLDOUT, "quantize.mode": "mixed"})
+    outcome = run_search(request)
+    first, second = outcome.records[:2]
+    assert (first.recipe, first.state) == ("int8", "failed")
+    assert "DataError" in first.attrs["error"] and "calibration images" in first.attrs["error"]
+    assert (second.recipe, second.state) == ("fp32", "complete")
+    assert sum(r.counts for r in outcome.records) == 3
+    stored = optuna.load_study(study_name=outcome.plan.study_name, storage=outcome.plan.storage)
+    failed = stored.trials[0]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["error"] == first.attrs["error"]
+    assert outcome.pick is not None and outcome.pick.record.state == "complete"
+
+
+def test_a_bad_fixed_override_fails_before_any_trial(tmp_path):
+    from edgec.errors import ConfigError
+    from edgec.search.study import plan_search
+
+    with pytest.raises(ConfigError, match="int3"):
+        plan_search(_request(tmp_path, recipes=("int8",),
+                             overrides={**HOLDOUT, "quantize.mode": "int3"}))
+
+
+def test_resume_runs_only_the_missing_trials_and_rebuilds_nothing(tmp_path, monkeypatch):
+    from edgec.search.study import run_search
+
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    request = _request(tmp_path / "out", recipes=("fp32", "int8"), backends=("onnxruntime",),
+                       trials=3, study="resume")
+    first = run_search(request)
+    assert len(first.new_trials) == 3
+    before = {r.number: (r.attrs, Path(r.attrs["artifact"]).stat().st_ino)
+              for r in first.records if r.state == "complete"}
+    finished = []
+    second = run_search(replace(request, trials=5),
+                        lambda status: status.finished and finished.append(status.finished.number))
+    assert len(second.new_trials) == 2 and finished == list(second.new_trials)
+    assert min(second.new_trials) > max(r.number for r in first.records)
+    assert sum(r.counts for r in second.records) == 5
+    for number, (attrs, inode) in before.items():  # not re-run, not rewritten
+        again = next(r for r in second.records if r.number == number)
+        assert again.attrs == attrs and Path(attrs["artifact"]).stat().st_ino == inode
+    for record in (r for r in second.records if r.number in second.new_trials and r.attrs.get(
+            "steps")):  # a new trial shares the finished trials' prefix through the step cache
+        assert record.attrs["steps"][0] == ["fuse", "hit"]
+    # the same configurations in another study: every step, evaluation and measurement cached
+    again = run_search(replace(request, trials=2, study="again"))
+    for record in again.records:
+        assert {status for _, status in record.attrs["steps"]} == {"hit"}
+        assert record.attrs["latency_from_cache"] is True
+
+
+def test_cli_search_prints_the_pick_and_the_rebuild_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, [
+        "search", str(DIGITS), "--trials", "1", "--recipe", "fp32", "--backend", "onnxruntime",
+        "--holdout", "250", "--out", str(tmp_path / "out"), "--repeat", "20",
+        "--min-time", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "trial 0 complete: fp32 on onnxruntime" in result.output
+    assert "pick" in result.output and "edgec build" in result.output
+    assert (tmp_path / "out" / "report.html").is_file()
+    bad = CliRunner().invoke(app, ["search", str(DIGITS), "--backend", "tensorrt"])
+    assert bad.exit_code == 2 and "SearchError" in bad.output and "tensorrt" in bad.output
