@@ -64,6 +64,10 @@ def build(
                                             "float model (default: the recipe's [budget])"),
     cache: bool = typer.Option(True, help="reuse cached steps, evaluations and measurements "
                                           "(see `edgec cache info`)"),
+    from_study: str = typer.Option(None, help="build the pick of this `edgec search` study "
+                                              "(its recipe, backend, --set values and budget)"),
+    storage: str = typer.Option(None, help="the study's storage URL (default: "
+                                           "sqlite:///search/STUDY/STUDY.db)"),
 ):
     """Run the recipe's passes, compile for TARGET, evaluate and profile; print the table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -73,6 +77,9 @@ def build(
     from edgec.measure import MeasureSpec
 
     try:
+        if from_study:
+            target, recipe, backend, budget, set_ = _from_study(from_study, storage, target,
+                                                               recipe, backend, budget, set_)
         request = BuildRequest(model, target, recipe, data, out,
                                MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads),
                                profile, device=device, eval_count=eval_count, backend=backend,
@@ -90,6 +97,27 @@ def build(
     for line in report_notes(result.manifest):
         console.print(line, highlight=False, markup=False)
     console.print(f"artifact: {result.directory}")
+
+
+def _from_study(study: str, storage: str | None, target: str, recipe: str | None,
+                backend: str | None, budget: float | None, set_: list[str] | None):
+    """The build options of a study's pick; --set values given too are applied after its own,
+    an explicit --recipe or a different --target is an error."""
+    from edgec.errors import ConfigError
+    from edgec.search.study import load_pick, toml_text
+
+    pick = load_pick(study, storage)
+    if recipe is not None:
+        raise ConfigError(f"--from-study {study} builds the pick's recipe ({pick.recipe}); "
+                          f"drop --recipe")
+    if target not in ("local", pick.target):
+        raise ConfigError(f"--from-study {study}: the study searched target {pick.target!r}, "
+                          f"not {target!r}; drop --target")
+    console.print(f"study {study}: building trial {pick.trial} ({pick.recipe})",
+                  highlight=False, markup=False)
+    sets = [f"{key}={toml_text(value)}" for key, value in pick.overrides.items()]
+    return (pick.target, pick.recipe, backend or pick.backend,
+            pick.budget if budget is None else budget, [*sets, *(set_ or [])])
 
 
 def _progress(bar, task, message: str) -> None:

@@ -103,8 +103,7 @@ def test_pick_is_feasible_and_its_rebuild_command_parses_and_hits_the_cache(sear
     build = group.get_command(group.make_context("edgec", args[1:]), "build")
     params = build.make_context("build", args[2:]).params
     assert params["recipe"] == pick.record.attrs["recipe_ref"]
-    assert parse_overrides(params["set_"]) == {
-        key: "none" if value is None else value for key, value in pick.record.overrides.items()}
+    assert parse_overrides(params["set_"]) == pick.record.overrides
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGEC_CACHE", str(root / "cache"))
         result = CliRunner().invoke(app, args[1:])
@@ -112,6 +111,26 @@ def test_pick_is_feasible_and_its_rebuild_command_parses_and_hits_the_cache(sear
     assert result.output.count("cache hit") == len(pick.record.attrs["steps"])
     profile = json.loads(Path(pick.record.attrs["artifact"], "profile.json").read_text())
     assert profile["from_cache"] is True
+
+
+def test_build_from_study_rebuilds_the_pick_from_the_cache(searched, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    outcome, _, root = searched
+    plan, pick = outcome.plan, outcome.pick
+    args = ["build", str(plan.request.model), "--from-study", plan.study_name, "--storage",
+            plan.storage, "--out", str(plan.build_root), "--repeat", "20", "--min-time", "0.05"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEC_CACHE", str(root / "cache"))
+        result = CliRunner().invoke(app, args)
+        missing = CliRunner().invoke(app, ["build", str(plan.request.model), "--from-study",
+                                           "nope", "--storage", f"sqlite:///{tmp_path}/x.db"])
+    assert result.exit_code == 0, result.output
+    assert f"building trial {pick.number} ({pick.record.attrs['recipe_ref']})" in result.output
+    assert result.output.count("cache hit") == len(pick.record.attrs["steps"])
+    assert missing.exit_code != 0 and "no study database" in missing.output
 
 
 def test_overlapping_finalists_are_remeasured_interleaved(searched):

@@ -289,6 +289,9 @@ def open_study(plan: SearchPlan):
         raise SearchError(f"cannot open study {plan.study_name!r} in {plan.storage}: {exc}; "
                           f"check --storage or use another --study") from exc
     _check_recipes(study, plan)
+    study.set_user_attr("request", {"target": plan.request.target,
+                                    "budget": plan.request.budget,
+                                    "device": plan.request.device})
     study.sampler = _sampler(plan.request.seed + len(study.trials))
     for name in (name for name in plan.candidates if name in BASELINES):  # in --recipe order
         enqueue_config(study, plan.candidates[name], plan.candidates[name].backends[0])
@@ -656,3 +659,45 @@ def toml_text(value: Any) -> str:
             return value
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+# ----- rebuilding the pick: edgec build --from-study -------------------------------------
+@dataclass(frozen=True)
+class StudyPick:
+    """What ``edgec build --from-study`` needs from a finished study: the pick's recipe,
+    backend (None: the build chooses) and overrides, and the study's target and budget."""
+
+    study: str
+    trial: int
+    recipe: str
+    backend: str | None
+    overrides: dict[str, Any]
+    target: str
+    budget: float
+
+
+def default_storage(study: str) -> str:
+    """Where ``edgec search --study NAME`` keeps its study when no --storage or --out is given."""
+    return f"sqlite:///{Path('search') / study / f'{study}.db'}"
+
+
+def load_pick(study: str, storage: str | None = None) -> StudyPick:
+    """The pick of a finished search (SearchError when the study is missing or has none)."""
+    import optuna
+
+    storage = storage or default_storage(study)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise SearchError(f"no study database {storage.removeprefix('sqlite:///')!r}; give the "
+                          f"search's --storage, or run `edgec search ... --study {study}` first")
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise SearchError(f"no study {study!r} in {storage}: {exc}") from exc
+    pick, request = loaded.user_attrs.get("pick"), loaded.user_attrs.get("request", {})
+    if not pick:
+        raise SearchError(f"study {study!r} has no pick yet (no trial finished inside the "
+                          f"budget); run `edgec search` on it again")
+    attrs = loaded.trials[pick["trial"]].user_attrs
+    backend = attrs["backend"] if attrs["backend"] != AUTO_BACKEND else None
+    return StudyPick(study, pick["trial"], attrs["recipe_ref"], backend, dict(attrs["overrides"]),
+                     request.get("target", "local"), float(request.get("budget", 1.0)))
