@@ -134,13 +134,15 @@ def fixed_ratio(ratio: float, seconds: float) -> tuple[str, dict]:
 
 
 def edgec_row(model_path, recipe: Path | str, workdir: Path, base_macs: float,
-              name: str = "", overrides: dict | None = None) -> Row:
+              name: str = "", overrides: dict | None = None, target: str = "local",
+              backend: str | None = None, budget: float | None = None) -> Row:
     """One edgec build (the recipe with ``overrides``, see ``edgec build --set``) as a row."""
     label = name or Path(recipe).stem
     name = f"edgec {label}"
     try:
-        result = build(BuildRequest(model_path, "local", recipe, out=workdir / "builds",
-                                    profile=False, overrides=overrides or {}),
+        result = build(BuildRequest(model_path, target, recipe, out=workdir / "builds",
+                                    profile=False, overrides=overrides or {}, backend=backend,
+                                    budget=budget),
                        progress=lambda m: print(f"  [{label}] {m}", flush=True))
     except EdgecError as exc:  # e.g. a budget the recipe cannot meet: report it as a row
         print(f"{name}: {type(exc).__name__}: {exc}")
@@ -229,6 +231,17 @@ def print_table(model_name: str, count: int, rows: list[Row]) -> None:
             print(f"{r.name}: {r.note}")
 
 
+def load_config_and_data(model_path: Path):
+    """(model config, torch model, its MACs, calibration split, evaluation split, the
+    evaluation npz the runner streams)."""
+    config = load_model_config(model_path)
+    data = load_data_config(config.resolve(config.data))
+    calibration, evaluation = data.load("calibration"), data.load("evaluation")
+    model = load_torch_model(config)
+    return (config, model, total_macs(model, config.input), calibration, evaluation,
+            resolve_path(data.root, data.evaluation.path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path,
@@ -242,12 +255,7 @@ def main() -> None:
                         help="latency rounds over all rows; each figure is their median")
     args = parser.parse_args()
     recipes = args.recipe or [ROOT / "passes" / f"{name}.toml" for name in RECIPES]
-    config = load_model_config(args.model)
-    data = load_data_config(config.resolve(config.data))
-    calibration, evaluation = data.load("calibration"), data.load("evaluation")
-    test_npz = resolve_path(data.root, data.evaluation.path)
-    model = load_torch_model(config)
-    macs = total_macs(model, config.input)
+    config, model, macs, calibration, evaluation, test_npz = load_config_and_data(args.model)
     target = load_target("local")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -64,7 +64,7 @@ def test_missing_field_names_file_and_key(tmp_path):
     ("cores = 4", "cores = 0", "cores"),
     ('precisions = ["fp32", "int8"]', 'precisions = ["fp32", "int7"]', "precisions"),
     ("int8 = 96.0", "int16 = 96.0", "peak_gmacs"),
-    ('backends = ["onnxruntime", "tvm"]', "backends = []", "backends"),
+    ('backends = ["onnxruntime", "tvm", "executorch"]', "backends = []", "backends"),
     ('kind = "llvm"\n', "", "tvm_target"),
 ])
 def test_invalid_field_names_file_and_key(tmp_path, old, new, key):

@@ -34,7 +34,7 @@ from edgec.space import Space
 
 DIRECTIONS = ("minimize", "maximize", "minimize")  # latency ms, held-out top-1 %, size bytes
 CONSTRAINT = "accuracy_budget"  # held-out drop minus the budget's points: feasible when <= 0
-DEFAULT_RECIPES = ("fp32", "int8", "prune-int8")  # searched when they fit the target
+DEFAULT_RECIPES = ("fp32", "int8", "prune-int8", "mobile-int8")  # searched where they fit
 BASELINES = ("fp32", "int8")  # enqueued first, with the recipes' own values, so they are plotted
 CASCADE_PASSES = ("early_exit",)  # their models deploy as cascades: the build picks the backend
 AUTO_BACKEND = "auto"  # the backend choice of such recipes: whatever the build chooses
