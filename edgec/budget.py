@@ -15,6 +15,7 @@ their whole training split (the pretrained ResNets score ~99.8 % on any slice of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,9 @@ class Ledger:
 
     def torch_top1(self, model) -> float:
         """Top-1 (percent) of a torch model on the held-out slice in the ledger's view."""
-        return view_top1(model.eval(), self.holdout, self.input_spec, self.spec.view,
-                         self.seed) * 100
+        with contextlib.suppress(NotImplementedError):  # a PT2E graph is in eval mode already
+            model.eval()
+        return view_top1(model, self.holdout, self.input_spec, self.spec.view, self.seed) * 100
 
     def input_top1(self) -> float:
         """The top-1 (percent) of the running pass's input, as the ledger counts it."""

@@ -154,3 +154,19 @@ def test_the_ledger_reads_a_cascade_as_its_runner_does(tmp_path, digits_model, d
     no_exit = Artifact("onnx", cascade.payload, extras={"cascade": {"exits": []}})
     final_only = onnx_view_top1(cascade.payload, holdout, digits_config.input) * 100
     assert ledger.top1(no_exit) == pytest.approx(final_only)
+
+
+def test_a_pt2e_quantized_model_is_charged_too(tmp_path, digits_model, digits_config,
+                                               digits_calibration):
+    """mobile-int8's quantize_pt2e output is an exported graph that refuses .eval()."""
+    from edgec.passes.quantize_pt2e import QuantizePt2eParams, QuantizePt2ePass
+
+    pipeline = Pipeline([Step(FusePass(), FuseParams(verify=False)),
+                         Step(QuantizePt2ePass(), QuantizePt2eParams(calibration_count=64))])
+    usable, ledger = _ledger(BudgetSpec(points=100.0, holdout=300), digits_calibration,
+                             digits_config, digits_model, pipeline)
+    ctx = Context(load_target("local"), digits_config.input, usable, tmp_path, ledger=ledger)
+    pipeline.run(Artifact("torch", digits_model), ctx)
+    quantized = ledger.spends[-1]
+    assert quantized["pass"] == "quantize_pt2e" and quantized["measured"]
+    assert abs(quantized["points"]) < 5  # int8 of a small CNN: a few images at most
