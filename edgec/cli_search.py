@@ -34,7 +34,7 @@ def search(
     storage: str = typer.Option(None, help="Optuna storage URL (default: "
                                            "sqlite:///OUT/STUDY.db)"),
     recipe: list[str] = typer.Option(None, help="a recipe to search (repeatable; default: fp32, "
-                                                "int8, prune-int8 where they fit)"),
+                                                "int8, prune-int8, mobile-int8 where they fit)"),
     backend: list[str] = typer.Option(None, help="only these of the target's backends "
                                                  "(repeatable)"),
     holdout: int = typer.Option(0, help="held-out calibration images the budget measures on "
