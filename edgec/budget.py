@@ -11,6 +11,11 @@ reserves for the steps still to come.
 
 ``view`` 'shifted' measures on :func:`edgec.accuracy.shifted` images, for models that memorised
 their whole training split (the pretrained ResNets score ~99.8 % on any slice of it).
+
+``recheck`` images after the held-out slice are seen by nothing that chooses: not the passes,
+not the ledger. The build measures only its final output there (:meth:`Ledger.recheck`), so a
+search that chose among many configurations by the ledger's drop can check its pick's drop on
+images the choice did not fit.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class BudgetSpec:
     view: str = "plain"
     holdout: int = 0  # 0: a fifth of the calibration split, at most 5,000 images
     reserve: dict[str, float] = field(default_factory=dict)
+    recheck: int = 0  # images after the held-out slice for the final re-check (0: none)
 
     def __post_init__(self):
         if not self.points >= 0:
@@ -47,27 +53,39 @@ class BudgetSpec:
         if self.holdout and self.holdout < 100:
             raise ConfigError(f"budget holdout {self.holdout} is too few images; use >= 100 "
                               f"(or 0 for a fifth of the calibration split)")
+        if self.recheck and self.recheck < 100:
+            raise ConfigError(f"budget recheck {self.recheck} is too few images; use >= 100 "
+                              f"(or 0 for no re-check)")
         if any(value < 0 for value in self.reserve.values()):
             raise ConfigError(f"budget reserve {self.reserve} must be >= 0 points each")
 
-    def split(self, calibration: Dataset) -> tuple[Dataset, Dataset]:
-        """(what the passes may use, the held-out tail the ledger measures on)."""
-        count = self.holdout or min(5000, len(calibration) // 5)
-        if len(calibration) < 2 * count or count < 100:
-            raise ConfigError(f"the accuracy budget holds out {count} calibration images but "
+    def holdout_count(self, images: int) -> int:
+        """The held-out slice's size for a calibration split of ``images``."""
+        return self.holdout or min(5000, images // 5)
+
+    def split(self, calibration: Dataset) -> tuple[Dataset, Dataset, Dataset | None]:
+        """(what the passes may use, the held-out slice the ledger measures on, the re-check
+        tail or None): the split's tail is held out, the last ``recheck`` images of it apart."""
+        count, again = self.holdout_count(len(calibration)), self.recheck
+        if len(calibration) - again < 2 * count or count < 100:
+            raise ConfigError(f"the accuracy budget holds out {count} calibration images"
+                              f"{f' and {again} more to re-check' if again else ''} but "
                               f"{calibration.origin} has {len(calibration)}; it needs at least "
-                              f"twice that and 100 held out: lower [budget] holdout or give "
-                              f"more calibration images")
-        cut = len(calibration) - count
-        return calibration.slice(0, cut), calibration.slice(cut, len(calibration))
+                              f"twice the held-out count plus the re-check and 100 held out: "
+                              f"lower [budget] holdout or recheck, or give more images")
+        end = len(calibration) - again
+        recheck = calibration.slice(end, len(calibration)) if again else None
+        return calibration.slice(0, end - count), calibration.slice(end - count, end), recheck
 
 
 class Ledger:
     """The build's one accuracy budget: the reference, and what each step spent."""
 
     def __init__(self, spec: BudgetSpec, holdout: Dataset, input_spec, reference_top1: float,
-                 seed: int = 0, steps: list[str] | None = None):
+                 seed: int = 0, steps: list[str] | None = None, recheck: Dataset | None = None):
         self.spec, self.holdout, self.input_spec, self.seed = spec, holdout, input_spec, seed
+        self.recheck_slice = recheck  # seen only by :meth:`recheck`
+        self.rechecked: dict[str, Any] | None = None
         self.reference_top1 = reference_top1  # percent
         self.steps = list(steps or [])  # pass names in pipeline order, for reserves
         self.spends: list[dict[str, Any]] = []
@@ -93,23 +111,36 @@ class Ledger:
         reserved = sum(self.spec.reserve.get(name, 0.0) for name in later)
         return max(0.0, self.total - self.spent - reserved)
 
-    def torch_top1(self, model) -> float:
-        """Top-1 (percent) of a torch model on the held-out slice in the ledger's view."""
+    def torch_top1(self, model, dataset: Dataset | None = None) -> float:
+        """Top-1 (percent) of a torch model on the held-out slice (or ``dataset``) in the
+        ledger's view."""
         with contextlib.suppress(NotImplementedError):  # a PT2E graph is in eval mode already
             model.eval()
-        return view_top1(model, self.holdout, self.input_spec, self.spec.view, self.seed) * 100
+        return view_top1(model, self.holdout if dataset is None else dataset, self.input_spec,
+                         self.spec.view, self.seed) * 100
 
     def input_top1(self) -> float:
         """The top-1 (percent) of the running pass's input, as the ledger counts it."""
         return self.reference_top1 - self.spent
 
-    def top1(self, artifact) -> float:
+    def top1(self, artifact, dataset: Dataset | None = None) -> float:
         """Top-1 (percent) of an artifact (torch module, ONNX file, early-exit cascade) on the
-        held-out slice in the ledger's view."""
+        held-out slice (or ``dataset``) in the ledger's view."""
         if artifact.stage == "torch":
-            return self.torch_top1(artifact.payload)
-        return onnx_view_top1(artifact.payload, self.holdout, self.input_spec, self.spec.view,
+            return self.torch_top1(artifact.payload, dataset)
+        dataset = self.holdout if dataset is None else dataset
+        return onnx_view_top1(artifact.payload, dataset, self.input_spec, self.spec.view,
                               self.seed, artifact.extras.get("cascade")) * 100
+
+    def recheck(self, reference_top1: float, final_top1: float) -> dict[str, Any]:
+        """Record the re-check: the float model's and the final output's top-1 (percent) on the
+        re-check tail (:meth:`top1` with ``recheck_slice``); the drop is not charged."""
+        drop = reference_top1 - final_top1
+        self.rechecked = {"origin": self.recheck_slice.origin, "images": len(self.recheck_slice),
+                          "reference_top1": round(reference_top1, 4),
+                          "top1": round(final_top1, 4), "drop": round(drop, 4),
+                          "within_budget": drop <= self.total + 1e-9}
+        return self.rechecked
 
     def charge(self, pass_name: str, artifact, exact: bool = False) -> dict[str, Any]:
         """Charge ``pass_name`` with what ``artifact`` lost since the previous step; BudgetError
@@ -139,7 +170,8 @@ class Ledger:
         return {"points": self.total, "view": self.spec.view,
                 "holdout": {"origin": self.holdout.origin, "images": len(self.holdout)},
                 "reserve": self.spec.reserve, "reference_top1": round(self.reference_top1, 4),
-                "spent": round(self.spent, 4), "spends": self.spends}
+                "spent": round(self.spent, 4), "spends": self.spends,
+                **({"recheck": self.rechecked} if self.rechecked else {})}
 
 
 def pass_budget(ctx, own: float | None) -> float | None:

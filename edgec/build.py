@@ -74,8 +74,10 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     """Run the whole build; the artifact directory appears only when everything succeeded."""
     config = load_model_config(request.model)
     target = load_target(request.target)
-    pipeline = load_recipe(request.recipe or default_recipe(target)).with_overrides(
-        request.overrides)
+    overrides = request.overrides  # --budget first: budget.* overrides may then refine it
+    if request.budget is not None:
+        overrides = {"budget.points": request.budget, **overrides}
+    pipeline = load_recipe(request.recipe or default_recipe(target)).with_overrides(overrides)
     pipeline.check_target(target)
     calibration, evaluation = _load_data(config, request.data)
     progress(f"loading model {config.name}")
@@ -98,6 +100,8 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
                           backend=request.backend, device=profiler, cache=cache, ledger=ledger)
             built = pipeline.run(source, ctx,
                                  lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
+            if ledger is not None and ledger.recheck_slice is not None:
+                _recheck(ledger, source, built, cache, progress)
             eval_npz = scratch / "evaluation.npz"
             np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
             reference = _reference_row(source, float_top1, ctx, target, eval_npz, profiler,
@@ -143,15 +147,33 @@ def _ledger(spec: BudgetSpec, calibration: Dataset, source: Artifact, config: Mo
     if calibration is None or len(calibration) == 0:
         raise ConfigError("an accuracy budget needs calibration data to measure on; give --data "
                           "with a [calibration] split or drop --budget / [budget]")
-    usable, holdout = spec.split(calibration)
+    usable, holdout, recheck = spec.split(calibration)
     ledger = Ledger(spec, holdout, config.input, float("nan"),
-                    steps=[step.pass_.name for step in pipeline.steps])
+                    steps=[step.pass_.name for step in pipeline.steps], recheck=recheck)
     progress(f"accuracy budget: measuring the float model on {holdout.origin} ({spec.view})")
     document = {"what": "ledger reference", "model": step_outputs.source_key(source),
                 "holdout": dataset_identity(holdout), "view": spec.view,
                 "versions": library_versions()}
     ledger.reference_top1 = cache.remember("evaluations", document, lambda: ledger.top1(source))
     return usable, ledger
+
+
+def _recheck(ledger: Ledger, source: Artifact, built: Artifact, cache: Cache, progress) -> None:
+    """Measure the float model and the pipeline's output on the re-check tail (both cached by
+    content) and record it in the ledger; nothing is charged."""
+    progress(f"accuracy budget: re-checking on {ledger.recheck_slice.origin} "
+             f"({ledger.spec.view})")
+
+    def top1_of(artifact: Artifact, what: str) -> float:
+        document = {"what": what, "content": step_outputs.content_key(artifact),
+                    "data": dataset_identity(ledger.recheck_slice), "view": ledger.spec.view,
+                    "seed": ledger.seed, "versions": library_versions()}
+        return cache.remember("evaluations", document,
+                              lambda: ledger.top1(artifact, ledger.recheck_slice))
+
+    entry = ledger.recheck(top1_of(source, "recheck reference"), top1_of(built, "recheck"))
+    progress(f"accuracy budget: re-check drop {entry['drop']:+.2f} points on "
+             f"{entry['images']} images the build did not choose on")
 
 
 def runs_on_cpu(target: Target, device) -> CpuInfo:

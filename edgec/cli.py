@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgec.cli_cache import cache_app
@@ -35,7 +36,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _fail(exc: EdgecError) -> None:
-    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
+                 highlight=False)
     raise typer.Exit(2)
 
 

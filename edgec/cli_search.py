@@ -34,11 +34,19 @@ def search(
     storage: str = typer.Option(None, help="Optuna storage URL (default: "
                                            "sqlite:///OUT/STUDY.db)"),
     recipe: list[str] = typer.Option(None, help="a recipe to search (repeatable; default: fp32, "
-                                                "int8, prune-int8, mobile-int8 where they fit)"),
+                                                "int8, prune-int8, mobile-int8, prune-mobile-int8 "
+                                                "where they fit)"),
     backend: list[str] = typer.Option(None, help="only these of the target's backends "
                                                  "(repeatable)"),
-    holdout: int = typer.Option(0, help="held-out calibration images the budget measures on "
-                                        "(0: the recipe's, else a fifth of the split)"),
+    holdout: int = typer.Option(0, help="held-out calibration images the budget measures on, "
+                                        "for every recipe (0: a fifth of the split, at most "
+                                        "5,000)"),
+    view: str = typer.Option("auto", help="the budget's view for every recipe: plain, shifted, "
+                                          "or auto (shifted for images of 16x16 pixels or "
+                                          "more)"),
+    recheck: int = typer.Option(None, help="calibration images after the held-out ones that "
+                                           "only the pick's re-check reads (default: as many "
+                                           "as held out; 0: no re-check)"),
     data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
     out: Path = typer.Option(None, help="folder of the report, the study's SQLite file and the "
                                         "artifacts (default: search/STUDY)"),
@@ -60,7 +68,8 @@ def search(
         request = SearchRequest(
             model, target, device, budget, trials, timeout, study, storage, tuple(recipe or ()),
             tuple(backend or ()), {"budget.holdout": holdout} if holdout else {},
-            MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data)
+            MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data,
+            view=view, recheck=recheck)
         outcome = _run_live(request, run_search)
     except EdgecError as exc:
         errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",

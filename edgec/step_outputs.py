@@ -28,12 +28,17 @@ from edgec.cache import Cache, Entry, dataset_identity, digest, library_versions
 KIND = "steps"
 
 
-def source_key(artifact: Artifact) -> str:
-    """The content of the pipeline's input: a torch module's structure and weights, an ONNX
-    file's bytes, plus its lineage and extras."""
+def content_key(artifact: Artifact) -> str:
+    """What an artifact computes: a torch module's structure and weights or an ONNX file's
+    bytes, and its extras (e.g. a cascade's thresholds); not how it was made."""
     content = module_identity(artifact.payload) if artifact.stage == "torch" \
         else sha256_file(Path(artifact.payload))
-    return digest({"stage": artifact.stage, "content": content, "extras": artifact.extras,
+    return digest({"stage": artifact.stage, "content": content, "extras": artifact.extras})
+
+
+def source_key(artifact: Artifact) -> str:
+    """The pipeline's input: :func:`content_key` plus its lineage."""
+    return digest({"content": content_key(artifact),
                    "lineage": [step.to_json() for step in artifact.lineage]})
 
 

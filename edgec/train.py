@@ -9,10 +9,11 @@ train with ``fit`` on cached features (``edgec.exits.train_head``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,11 +38,12 @@ class TrainResult:
     seconds: float
     loss: float
     stopped_by: str  # "epochs" or "time"
+    teacher_reused: int = 0  # steps whose teacher logits came from :class:`TeacherLogits`
 
     def to_json(self) -> dict:
         return {"steps": self.steps, "images": self.images, "epochs": round(self.epochs, 3),
                 "seconds": round(self.seconds, 1), "loss": round(self.loss, 4),
-                "stopped_by": self.stopped_by}
+                "stopped_by": self.stopped_by, "teacher_reused": self.teacher_reused}
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
     student.to(device, memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device, memory_format=torch.channels_last).eval()
-    loss = _DistillLoss(student, teacher, temperature, alpha, weights,
-                        _autocast(precision, device))
+    cast = _autocast(precision, device)
+    memo = None if teacher is None else teacher_logits(teacher, f"{precision}/{device}")
+    hits_before = 0 if memo is None else memo.hits
+    loss = _DistillLoss(student, teacher, temperature, alpha, weights, cast, memo)
     images = _image_batches(dataset, input_spec, batch, augment, order, device,
                             distilled_only=teacher is not None)
     result = fit(student, images, loss, OptimizerSpec("sgd-cosine", lr, 5e-4), steps,
@@ -193,6 +197,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: 
     student.to(memory_format=torch.contiguous_format)
     if teacher is not None:
         teacher.to(memory_format=torch.contiguous_format)
+        result = replace(result, teacher_reused=memo.hits - hits_before)
     return result
 
 
@@ -250,6 +255,51 @@ def _augment(x: torch.Tensor, augment: str,
     return x.contiguous(memory_format=torch.channels_last), moved
 
 
+class TeacherLogits:
+    """A frozen teacher's logits by input batch (its bytes): distillation runs that draw the
+    same batches compute the teacher once. The steps of an iterative prune draw the same seeded
+    batches, and so do the prune steps of a search's trials, which run in one process and
+    distil from one model: the teacher's forward pass is about a quarter of a fine-tune step.
+    One table per (teacher weights, precision), at most ``MAX_BYTES`` each; the two most
+    recent teachers are kept (:func:`teacher_logits`)."""
+
+    MAX_BYTES = 256 << 20
+
+    def __init__(self):
+        self.table: dict[bytes, torch.Tensor] = {}
+        self.bytes = self.hits = self.misses = 0
+
+    def __call__(self, teacher: torch.nn.Module, x: torch.Tensor,
+                 cast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        key = hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=20).digest()
+        known = self.table.get(key)
+        if known is not None:
+            self.hits += 1
+            return known
+        self.misses += 1
+        with cast(), torch.no_grad():
+            logits = teacher(x).float()
+        if self.bytes + logits.nbytes <= self.MAX_BYTES:
+            self.table[key] = logits
+            self.bytes += logits.nbytes
+        return logits
+
+
+_TEACHERS: dict[tuple[str, str], TeacherLogits] = {}
+
+
+def teacher_logits(teacher: torch.nn.Module, precision: str) -> TeacherLogits:
+    """The logits table of ``teacher`` (by its structure and weights) under ``precision``."""
+    from edgec.cache import module_identity
+
+    key = (module_identity(teacher), precision)
+    if key not in _TEACHERS:
+        while len(_TEACHERS) >= 2:
+            del _TEACHERS[next(iter(_TEACHERS))]
+        _TEACHERS[key] = TeacherLogits()
+    return _TEACHERS[key]
+
+
 @dataclass(frozen=True)
 class _DistillLoss:
     """One batch's loss: every output of the student distilled from the teacher's logits (or
@@ -261,22 +311,20 @@ class _DistillLoss:
     alpha: float
     weights: tuple[float, ...] | None
     cast: Callable[[], contextlib.AbstractContextManager]
+    memo: TeacherLogits | None = None
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         with self.cast():  # forward passes only; backward runs outside autocast
             outputs = self.student(x)
-            teacher_logits = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(x).float()
+        soft = None if self.teacher is None else self.memo(self.teacher, x, self.cast)
         outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
         loss = 0.0
         for weight, logits in zip(self.weights or [1.0] * len(outputs), outputs):
             logits = logits.float()
             loss = loss + weight * (
-                F.cross_entropy(logits, y) if teacher_logits is None else
-                distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha))
+                F.cross_entropy(logits, y) if soft is None else
+                distillation_loss(logits, soft, y, self.temperature, self.alpha))
         return loss
 
 

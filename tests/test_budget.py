@@ -27,7 +27,7 @@ def digits_calibration():
 
 
 def _ledger(spec, calibration, digits_config, digits_model, pipeline):
-    usable, holdout = spec.split(calibration)
+    usable, holdout, _ = spec.split(calibration)
     ledger = Ledger(spec, holdout, digits_config.input, float("nan"),
                     steps=[s.pass_.name for s in pipeline.steps])
     ledger.reference_top1 = ledger.top1(Artifact("torch", digits_model))

@@ -81,6 +81,34 @@ def test_trials_store_what_they_measured(searched):
                                  attrs["size_bytes"])
         assert 0 < attrs["test_top1"] <= 100 and attrs["latency_ci95_ms"] >= 0
         assert [step[0] for step in attrs["steps"]] == [s["pass"] for s in manifest["lineage"]]
+        # one budget for every recipe: one view, one held-out slice, a re-check tail after it
+        assert manifest["budget"]["view"] == "plain"  # 8x8 digits: 'auto' is plain
+        assert manifest["budget"]["holdout"]["images"] == 250
+        assert attrs["recheck_images"] == 250 and attrs["recheck_drop"] is not None
+        if "repeat_of" in attrs:
+            continue  # told an earlier trial's result, not built
+        phases = attrs["phases_s"]
+        assert set(phases) == {"fine-tune", "build", "evaluate", "measure"}
+        assert phases["evaluate"] > 0 and phases["measure"] > 0
+        assert sum(phases.values()) <= attrs["seconds"] + 0.5
+
+
+def test_a_pick_that_fails_the_recheck_gives_way_to_the_next(searched):
+    from edgec.search.pick import choose
+
+    outcome, _, _ = searched
+    feasible = sorted((r for r in outcome.records if r.feasible and "repeat_of" not in r.attrs),
+                      key=lambda r: r.latency_ms)
+    distinct = list({r.attrs["manifest_hash"]: r for r in reversed(feasible)}.values())[::-1]
+    assert len(distinct) >= 2, "the 4-trial search needs two feasible artifacts"
+    first, second = distinct[:2]
+    over = first.attrs["budget_points"] + 0.5
+    failed = replace(first, attrs={**first.attrs, "recheck_drop": over})
+    apart = replace(second, attrs={**second.attrs, "latency_ci95_ms": 0.0})
+    pick = choose((failed, apart), (first.number, second.number))
+    assert pick.number == second.number
+    assert f"trial {first.number}" in pick.decision and "re-check" in pick.decision
+    assert choose((failed,), (first.number,)) is None
 
 
 def test_pick_is_feasible_and_its_rebuild_command_parses_and_hits_the_cache(searched):

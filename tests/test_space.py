@@ -22,14 +22,15 @@ from edgec.targets import load_target
 from tests.conftest import EXAMPLES
 
 PRUNE_INT8_RPI4 = {  # pass.param → (kind, choices or range, condition, the recipe's value)
-    "prune.scope": ("choice", "global, local", "", "global"),
-    "prune.importance": ("choice", "l1, taylor", "", "l1"),
-    "prune.budget_points": ("choice", "none, 0.5, 1.0, 2.0", "", "1.0"),
+    # the recipe's [search] fixes the prune step but its channel multiple (one fine-tune each)
+    "prune.scope": ("choice", "global", "", "global"),
+    "prune.importance": ("choice", "l1", "", "l1"),
+    "prune.budget_points": ("choice", "1.0", "", "1.0"),
     "prune.ratio": ("choice", "0.0, 0.1, 0.2, 0.3, 0.4, 0.5", "budget_points = none", "0.2"),
-    "prune.ratio_of": ("choice", "channels, macs", "", "macs"),
-    "prune.channel_multiple": ("choice", "0, 8, 16, 32", "", "0"),  # 4 is no multiple of 8
-    "prune.reconstruct": ("bool", "true, false", "", "true"),
-    "prune.finetune_epochs": ("choice", "0.0, 1.0, 2.0, 5.0", "", "5.0"),
+    "prune.ratio_of": ("choice", "macs", "", "macs"),
+    "prune.channel_multiple": ("choice", "8, 16", "", "0"),
+    "prune.reconstruct": ("bool", "true", "", "true"),
+    "prune.finetune_epochs": ("choice", "5.0", "", "5.0"),
     "quantize.mode": ("choice", "int8, mixed", "", "int8"),
     "quantize.scheme": ("choice", "auto, u8s8, u8s8-reduce-range, u8u8, s8s8, s8s8-symmetric",
                         "", "auto"),
@@ -92,7 +93,7 @@ def test_edgec_space_prints_the_declared_space_of_prune_int8_for_rpi4():
 
 
 def test_to_table_and_default_are_the_recipes_values():
-    space = space_of("prune-int8")
+    space = space_of("prune-int8", narrow=recipe_search("prune-int8"))
     table = {row["pass.param"]: row for row in space.to_table()}
     for name, (kind, values, condition, recipe) in PRUNE_INT8_RPI4.items():
         assert (table[name]["kind"], table[name]["range"], table[name]["condition"],
@@ -262,3 +263,9 @@ def test_a_point_of_the_prune_int8_space_for_rpi4_builds(tmp_path):
     assert result.manifest["target"]["name"] == "rpi4"
     assert result.manifest["lineage"][0]["report"]["macs_after"] < \
         result.manifest["lineage"][0]["report"]["macs_before"]
+
+
+def test_the_declared_channel_multiples_fit_the_target():
+    declared = pipeline_space(load_recipe("prune-int8"), load_target("rpi4"))
+    multiple = next(d for d in declared.dimensions if d.name == "prune.channel_multiple")
+    assert tuple(multiple.choices) == (0, 8, 16, 32)  # 4 is no multiple of rpi4's 8

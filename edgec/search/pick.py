@@ -1,6 +1,9 @@
 """Picking one configuration from the search's front.
 
-The pick is the fastest feasible trial on the Pareto front. Boards are noisy, so when the 95 %
+The pick is the fastest feasible trial on the Pareto front whose drop, re-checked on calibration
+images the search did not choose on (the budget's re-check tail, :class:`edgec.budget.BudgetSpec`),
+is inside the budget too: a search that keeps the best of many configurations by their held-out
+drop favours those whose drop it underestimated. Boards are noisy, so when the 95 %
 intervals of the two fastest distinct artifacts on the front overlap, both are measured again,
 interleaved (A B A B …, ``remeasure_rounds`` rounds through the device's own ``measure``), and the
 one with the lower median over all those samples wins if it is more than EQUAL_FRACTION faster
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +59,33 @@ def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
            progress: Callable[[str], None] = lambda message: None) -> Pick | None:
     """The fastest feasible trial (:class:`edgec.search.study.TrialRecord`) on ``front`` (trial
     numbers); None when no trial is feasible."""
-    ranked = sorted((r for r in records if r.number in front and r.feasible),
-                    key=lambda r: r.latency_ms)
+    feasible = sorted((r for r in records if r.number in front and r.feasible),
+                      key=lambda r: r.latency_ms)
+    ranked = [r for r in feasible if rechecked(r)]
+    refused = "".join(f"; trial {r.number} ({_lat(r)}) was faster but lost {r.attrs['recheck_drop']:.2f}"
+                      f" points on the re-check, over the budget of {r.attrs['budget_points']:g}"
+                      for r in feasible if not rechecked(r) and (not ranked or r.latency_ms
+                                                                  < ranked[0].latency_ms))
     if not ranked:
         return None
     first = ranked[0]
     second = next((r for r in ranked[1:]
                    if r.attrs["manifest_hash"] != first.attrs["manifest_hash"]), None)
     if second is None:
-        return Pick(first, "the only distinct artifact on the feasible front")
+        return Pick(first, "the only distinct artifact on the feasible front that passed the "
+                           "re-check" + refused)
     if not overlap(first, second):
         return Pick(first, f"fastest on the feasible front: {_lat(first)} against "
-                                    f"trial {second.number}'s {_lat(second)} (intervals apart)")
-    return _settle(first, second, again, progress)
+                           f"trial {second.number}'s {_lat(second)} (intervals apart){refused}")
+    pick = _settle(first, second, again, progress)
+    return replace(pick, decision=pick.decision + refused)
+
+
+def rechecked(record) -> bool:
+    """Whether the trial's re-checked drop is inside its budget (True when it was not
+    re-checked: a study without a re-check tail)."""
+    drop = record.attrs.get("recheck_drop")
+    return drop is None or drop <= record.attrs["budget_points"] + 1e-9
 
 
 def overlap(a, b) -> bool:

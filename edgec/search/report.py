@@ -14,7 +14,8 @@ from typing import Any
 
 from edgec.report import STYLE, lineage_rows, markdown_table
 
-TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "test top-1 %",
+TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check drop",
+                 "test top-1 %",
                  "latency ms (mean ± CI95)", "p50 ms", "size KiB", "cache", "s", "status")
 COLOURS = {"trial": "#9a9a9a", "infeasible": "#d62728", "front": "#1f77b4", "pick": "#ff9f1c",
            "baseline": "#2ca02c"}
@@ -50,7 +51,7 @@ def pareto_chart(outcome) -> bytes:
     else:
         axes.text(0.5, 0.5, "no trial completed", ha="center", va="center",
                   transform=axes.transAxes)
-    failed = sum(r.state in ("failed", "over budget") for r in outcome.records)
+    failed = sum(r.state in ("failed", "over budget") and r.counts for r in outcome.records)
     axes.set_title(f"{outcome.plan.study_name}: {len(done)} trials completed, {failed} failed")
     axes.set_xlabel(f"latency on {outcome.plan.request.device} (mean ms, ± 95 % CI)")
     axes.set_ylabel("top-1 on the held-out training slice (%)")
@@ -120,10 +121,11 @@ def _row(record, outcome) -> tuple[str, ...]:
         status = f"repeat of trial {record.attrs['repeat_of']}, not built"
     if record.state != "complete" or "repeat_of" in record.attrs:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
-                _seconds(record), status)
-    test = record.attrs.get("test_top1")
+                "-", _seconds(record), status)
+    test, again = record.attrs.get("test_top1"), record.attrs.get("recheck_drop")
     return (str(record.number), config, ", ".join(marks), f"{record.heldout_top1:.2f}",
-            f"{record.attrs['heldout_drop']:.2f}", "-" if test is None else f"{test:.2f}",
+            f"{record.attrs['heldout_drop']:.2f}", "-" if again is None else f"{again:.2f}",
+            "-" if test is None else f"{test:.2f}",
             f"{record.latency_ms:.4g} ± {record.ci95_ms:.2g}",
             f"{record.attrs['latency_p50_ms']:.4g}", f"{record.size_bytes / 1024:.1f}",
             _cache(record), _seconds(record), status)
@@ -143,6 +145,24 @@ def _seconds(record) -> str:
 
 
 # ----- report.md / report.html ------------------------------------------------------------
+def _budget_words(plan) -> str:
+    fixed = plan.fixed
+    return (f"{fixed.get('budget.view', 'plain')} view, {fixed.get('budget.holdout', '?')} "
+            f"images; re-check on {fixed.get('budget.recheck') or 'no'} more")
+
+
+def time_split(records) -> str:
+    """'time of the 24 built trials: 1,234 s: fine-tune 900 s, build 100 s, ...'."""
+    built = [r for r in records if r.counts and "phases_s" in r.attrs]
+    totals: dict[str, float] = {}
+    for record in built:
+        for phase, seconds in record.attrs["phases_s"].items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    parts = ", ".join(f"{phase} {seconds:,.0f} s" for phase, seconds in totals.items())
+    return (f"time of the {len(built)} trials built: {sum(totals.values()):,.0f} s"
+            + (f" ({parts})" if parts else ""))
+
+
 def summary_lines(outcome) -> list[str]:
     """What the search was, what it found and how to rebuild the pick."""
     plan, request = outcome.plan, outcome.plan.request
@@ -151,8 +171,10 @@ def summary_lines(outcome) -> list[str]:
              f"{request.budget:g} top-1 point(s) on the held-out slice of the training split",
              f"study `{plan.study_name}` in `{plan.storage}`: {len(outcome.records)} trials, "
              f"{len(outcome.new_trials)} built now; stopped: {outcome.stopped}",
-             "held-out top-1 chooses; the test split's top-1 is reported only"]
+             f"held-out top-1 ({_budget_words(plan)}) chooses; the pick's drop is re-checked "
+             f"on images nothing chose on; the test split's top-1 is reported only"]
     lines += [f"not searched: {name} ({why})" for name, why in plan.skipped]
+    lines.append(time_split(outcome.records))
     if outcome.pick is None:
         lines.append("no feasible trial: nothing picked (raise --budget or add trials)")
         return lines
