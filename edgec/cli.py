@@ -13,6 +13,7 @@ from edgec.cli_cache import cache_app
 from edgec.cli_devices import devices_app, profile
 from edgec.cli_search import search
 from edgec.cli_space import space
+from edgec.config import parse_overrides
 from edgec.errors import EdgecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -127,26 +128,6 @@ def _progress(bar, task, message: str) -> None:
     if message.startswith("pass "):
         bar.console.print(message, highlight=False, markup=False)
     bar.update(task, description=message)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["prune.ratio=0.2", "quantize.mode=mixed"]`` → values read as TOML (bare words stay
-    strings; ``none`` is None, e.g. ``prune.budget_points=none``)."""
-    import tomllib
-
-    from edgec.errors import ConfigError
-
-    overrides = {}
-    for item in items:
-        key, eq, text = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"--set {item!r}: write PASS.PARAM=VALUE, e.g. quantize.mode=mixed")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = None if text.strip() == "none" else text  # TOML has no null
-        overrides[key.strip()] = value
-    return overrides
 
 
 def _rows_table(rows, title: str) -> Table:

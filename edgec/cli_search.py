@@ -47,7 +47,12 @@ def search(
     recheck: int = typer.Option(None, help="calibration images after the held-out ones that "
                                            "only the pick's re-check reads (default: as many "
                                            "as held out; 0: no re-check)"),
+    set_: list[str] = typer.Option(None, "--set", help="PASS.PARAM=VALUE fixed in every trial "
+                                                      "(repeatable; that dimension is not "
+                                                      "searched), e.g. prune.channel_multiple=16"),
     data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
+    eval_count: int = typer.Option(0, help="test images --device evaluates per trial (0: all; "
+                                           "for slow or emulated boards)"),
     out: Path = typer.Option(None, help="folder of the report, the study's SQLite file and the "
                                         "artifacts (default: search/STUDY)"),
     repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
@@ -60,6 +65,7 @@ def search(
     `edgec build` command that rebuilds it."""
     import optuna
 
+    from edgec.config import parse_overrides
     from edgec.measure import MeasureSpec
     from edgec.search.study import SearchRequest, run_search
 
@@ -67,9 +73,10 @@ def search(
     try:
         request = SearchRequest(
             model, target, device, budget, trials, timeout, study, storage, tuple(recipe or ()),
-            tuple(backend or ()), {"budget.holdout": holdout} if holdout else {},
+            tuple(backend or ()),
+            {**parse_overrides(set_ or []), **({"budget.holdout": holdout} if holdout else {})},
             MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data,
-            view=view, recheck=recheck)
+            view=view, recheck=recheck, eval_count=eval_count)
         outcome = _run_live(request, run_search)
     except EdgecError as exc:
         errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
@@ -110,6 +117,8 @@ def status_panel(status) -> Group:
     elif status.step:
         grid.add_row("now", Text(status.step))
     grid.add_row("best", Text(status.best))
+    if status.front:
+        grid.add_row("front", Text("\n".join(status.front)))
     return Group(grid)
 
 

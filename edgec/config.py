@@ -133,3 +133,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["prune.ratio=0.2", "quantize.mode=mixed"]`` → values read as TOML (bare words stay
+    strings; ``none`` is None, e.g. ``prune.budget_points=none``)."""
+    overrides = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: write PASS.PARAM=VALUE, e.g. quantize.mode=mixed")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = None if text.strip() == "none" else text  # TOML has no null
+        overrides[key.strip()] = value
+    return overrides

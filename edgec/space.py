@@ -23,7 +23,7 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from edgec import int8
@@ -245,6 +245,13 @@ class Space:
     dimensions: tuple[Dimension, ...]
     recipe: Mapping[str, Any] = field(default_factory=dict)
     skipped: tuple[tuple[str, str], ...] = ()
+
+    def fixing(self, values: Mapping[str, Any]) -> Space:
+        """This space with the dimensions named in ``values`` (``pass.param``) fixed there:
+        they are no longer asked, and conditions read the fixed values."""
+        fixed = {name: value for name, value in values.items() if name in self.recipe}
+        return replace(self, dimensions=tuple(d for d in self.dimensions if d.name not in fixed),
+                       recipe={**self.recipe, **fixed})
 
     def default(self) -> dict[str, Any]:
         """The recipe's own value of every dimension: the point the recipe builds."""

@@ -7,6 +7,7 @@ Run by hand (root): ``python -m pytest tests/test_board_emulated.py -m board -q`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -200,3 +201,37 @@ def test_build_for_rpi4_evaluates_on_the_emulated_board(emulated_board, tmp_path
         assert on_board["top1"] > 0.85
     else:
         assert on_board["same_predictions_as_host"] and not result.warnings
+
+
+def test_search_on_the_emulated_board_measures_there(emulated_board, tmp_path, monkeypatch):
+    """`edgec search --target rpi4 --device NAME`: six trials built for the board's own CPU,
+    each measured and (partly) evaluated over SSH on the emulated aarch64 board; the pick's
+    latency is the board's, and its rebuild command names the device."""
+    from edgec.devices.inventory import save_device
+    from edgec.search.study import SearchRequest, run_search
+
+    config = sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                               name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                               connect_timeout_s=60.0, command_timeout_s=900.0)
+    save_device(config, tmp_path / "devices")
+    monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    outcome = run_search(SearchRequest(
+        EXAMPLES / "digits" / "model.toml", target="rpi4", device="emulated-rpi4", trials=6,
+        recipes=("fp32", "int8"), backends=("onnxruntime",), overrides={"budget.holdout": 250},
+        measure=MeasureSpec(warmup=2, repeat=10, min_time_s=0.0), eval_count=EVAL_IMAGES,
+        out=tmp_path / "out"))
+    built = [r for r in outcome.records if r.counts]
+    complete = [r for r in built if r.state == "complete"]
+    print(f"\nsearch on the emulated rpi4: {len(built)} built, {len(complete)} complete; pick "
+          f"{outcome.pick and outcome.pick.record.label()}: {outcome.pick and outcome.pick.decision}")
+    assert len(built) == 6 and len(complete) >= 4
+    for record in complete:
+        manifest = read_manifest(Path(record.attrs["artifact"]))
+        assert manifest["accuracy_on_device"]["total"] == EVAL_IMAGES
+        assert manifest["accuracy_on_device"]["measured_on"]["cpu"]["arch"] == "aarch64"
+        profile = json.loads((Path(record.attrs["artifact"]) / "profile.json").read_text())
+        assert profile["device"] == "emulated-rpi4"
+    assert outcome.pick is not None
+    assert "--device" in outcome.command and "emulated-rpi4" in outcome.command
+    assert "--eval-count" in outcome.command

@@ -104,3 +104,33 @@ def test_weight_bytes_counts_int4_as_half(tmp_path):
         helper.make_tensor("b", onnx.TensorProto.FLOAT, [10], [1.0] * 10)])
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
     assert weight_bytes(tmp_path / "m.onnx") == 5 + 10 + 40
+
+
+def _quantized_bytes(model, spec, calibration, workdir: Path, cache, scheme: str) -> bytes:
+    from edgec.targets import load_target
+
+    workdir.mkdir(parents=True)
+    ctx = Context(load_target("local"), spec, calibration, workdir, baseline=model, cache=cache)
+    pipeline = Pipeline([Step(FusePass(), FuseParams()), Step(ExportPass(), ExportParams()),
+                         Step(QuantizePass(), QuantizeParams(scheme=scheme,
+                                                             calibration_method="percentile"))])
+    return Path(pipeline.run(Artifact("torch", model), ctx).payload).read_bytes()
+
+
+def test_calibration_ranges_are_shared_across_int8_schemes(digits_model, digits_config,
+                                                           tmp_path):
+    """One calibration for every scheme: the cached ranges give byte-identical models to a
+    fresh calibration, for a scheme with other int8 types and symmetric activations."""
+    from edgec.cache import Cache
+
+    calibration = load_data_config(ROOT / "examples" / "digits" / "data.toml").load("calibration")
+    spec = digits_config.input
+    fresh = _quantized_bytes(digits_model, spec, calibration, tmp_path / "fresh", None,
+                             "s8s8-symmetric")
+    cache = Cache(tmp_path / "cache")
+    _quantized_bytes(digits_model, spec, calibration, tmp_path / "first", cache, "u8s8")
+    assert cache.info()["evaluations"]["entries"] == 1  # the ranges
+    shared = _quantized_bytes(digits_model, spec, calibration, tmp_path / "second", cache,
+                              "s8s8-symmetric")
+    assert cache.info()["evaluations"]["entries"] == 1  # read, not calibrated again
+    assert shared == fresh

@@ -253,3 +253,100 @@ def test_cli_search_prints_the_pick_and_the_rebuild_command(tmp_path, monkeypatc
     assert (tmp_path / "out" / "report.html").is_file()
     bad = CliRunner().invoke(app, ["search", str(DIGITS), "--backend", "tensorrt"])
     assert bad.exit_code == 2 and "SearchError" in bad.output and "tensorrt" in bad.output
+
+
+KILLED_SEARCH = """
+import sys
+from pathlib import Path
+from edgec.measure import MeasureSpec
+from edgec.search.storage import Heartbeat
+from edgec.search.study import SearchRequest, run_search
+
+run_search(SearchRequest(Path(sys.argv[1]), trials=5, out=Path(sys.argv[2]), study="killed",
+                         recipes=("fp32", "int8"), backends=("onnxruntime",),
+                         overrides={"budget.holdout": 250},
+                         measure=MeasureSpec(repeat=20, min_time_s=0.05),
+                         heartbeat=Heartbeat(interval_s=1, grace_s=3)))
+"""
+
+
+def _trials(storage: str):
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if not Path(storage.removeprefix("sqlite:///")).is_file():
+        return []
+    try:
+        return optuna.load_study(study_name="killed", storage=storage).trials
+    except (KeyError, ValueError, RuntimeError, SQLAlchemyError):
+        return []  # not created yet
+
+
+def test_a_killed_search_resumes_without_rebuilding_or_remeasuring(tmp_path, monkeypatch):
+    """SIGKILL while a trial builds; the next run fails that trial by its silent heartbeat,
+    builds its configuration again and only the trials still missing, and measures nothing that
+    was measured before (the cache's measurement entries count every measurement)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import optuna
+
+    from edgec.cache import Cache
+    from edgec.search.storage import Heartbeat
+    from edgec.search.study import run_search
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    monkeypatch.setenv("EDGEC_CACHE", str(cache))
+    storage = f"sqlite:///{out / 'killed.db'}"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SEARCH, str(DIGITS), str(out)],
+                               env={**os.environ, "EDGEC_CACHE": str(cache)})
+    deadline, running = time.monotonic() + 240, None
+    while time.monotonic() < deadline and process.poll() is None:
+        trials = _trials(storage)
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
+                        and "recipe" in t.user_attrs), None)
+        if done >= 2 and running is not None:
+            break
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert running is not None, "the search ended or stalled before a third trial started"
+    before = {t.number: (dict(t.user_attrs), Path(t.user_attrs["artifact"]).stat().st_ino)
+              for t in _trials(storage) if t.state == optuna.trial.TrialState.COMPLETE}
+    measured_before = Cache(cache).info()["measurements"]["entries"]
+    time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
+
+    outcome = run_search(_request(out, recipes=("fp32", "int8"), backends=("onnxruntime",),
+                                  trials=5, study="killed",
+                                  heartbeat=Heartbeat(interval_s=1, grace_s=3)))
+    records = {r.number: r for r in outcome.records}
+    assert records[running.number].state == "interrupted"
+    retry = next(r for r in outcome.records if r.attrs.get("retry_of") == running.number)
+    assert retry.number in outcome.new_trials and retry.state == "complete"
+    assert (retry.recipe, retry.overrides) == (running.user_attrs["recipe"],
+                                               running.user_attrs["overrides"])
+    assert len(outcome.new_trials) == 5 - len(before)  # the missing trials, and no others
+    assert sum(r.counts for r in outcome.records) == 5
+    for number, (attrs, inode) in before.items():  # not rebuilt, not re-measured, not rewritten
+        assert records[number].attrs == attrs
+        assert Path(attrs["artifact"]).stat().st_ino == inode
+    fresh = [records[n] for n in outcome.new_trials if not records[n].attrs["latency_from_cache"]]
+    assert Cache(cache).info()["measurements"]["entries"] - measured_before == len(fresh)
+
+
+def test_a_fixed_override_is_no_longer_searched(tmp_path):
+    from edgec.search.study import plan_search
+
+    plan = plan_search(_request(tmp_path, recipes=("int8", "prune-int8"),
+                                overrides={**HOLDOUT, "prune.channel_multiple": 16,
+                                           "quantize.mode": "int8"}))
+    for name in ("int8", "prune-int8"):
+        names = [dim.name for dim in plan.candidates[name].space.dimensions]
+        assert "quantize.mode" not in names and "quantize.scheme" in names
+        assert "quantize.per_channel" in names  # its condition (mode = int8) reads the fixed value
+    prune = plan.candidates["prune-int8"].space
+    assert "prune.channel_multiple" not in [dim.name for dim in prune.dimensions]
+    assert prune.recipe["prune.channel_multiple"] == 16

@@ -115,7 +115,7 @@ class QuantizePass:
         choice = int8_choice(params, ctx)
         with tempfile.TemporaryDirectory(prefix="quantize-", dir=ctx.workdir) as scratch:
             quantizer = Quantizer(artifact.payload, batches, params, choice.scheme, Path(scratch),
-                                  artifact.extras.get("float_nodes", ()))
+                                  artifact.extras.get("float_nodes", ()), ctx.cache)
             if params.mode == "int8":
                 quantizer.write({}, path)
                 bits = {name: 8 for name in quantizer.weights}
@@ -173,14 +173,23 @@ class Quantizer:
 
     ``scratch`` holds the pre-processed model and the candidate models. ``float_nodes``: names
     of nodes left in float (an earlier pass asked for them in ``extras['float_nodes']``).
+
+    The activation ranges are calibrated once (onnxruntime's ``calibration_cache_path``) and
+    reused by every candidate: mixed precision's bisection writes one model per step, and only
+    the weights' bits differ. With ``cache`` (:class:`edgec.cache.Cache`) the ranges are kept
+    across builds too, keyed by the pre-processed model, the batches, the method and the
+    calibrator's options: the raw float ranges do not depend on the int8 types, symmetry or
+    per-channel weights, which apply when the model is written.
     """
 
     def __init__(self, source, batches: list[np.ndarray], params: QuantizeParams,
-                 scheme: int8.Int8Scheme, scratch: Path, float_nodes: Sequence[str] = ()):
+                 scheme: int8.Int8Scheme, scratch: Path, float_nodes: Sequence[str] = (),
+                 cache=None):
         self.batches, self.params, self.scheme, self.scratch = batches, params, scheme, scratch
         self.float_nodes = list(float_nodes)
         self.pre = scratch / "pre.onnx"
         _pre_process(source, self.pre)
+        self.ranges = _CalibrationRanges(self, cache)
         graph = onnx.load(str(self.pre)).graph
         self.initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         names = dict.fromkeys(n.input[1] for n in graph.node if n.op_type in QUANTIZED_OPS
@@ -201,8 +210,40 @@ class Quantizer:
                              "zero_point": np.int8(0)} for s in scales]
                 channels[0]["axis"] = 0
                 overrides[self.tensor_names[layer]] = channels
+        self.ranges.before_write()
         _quantize_static(self.pre, target, self.batches, self.params, self.scheme, overrides,
-                         self.float_nodes)
+                         self.float_nodes, self.ranges.path)
+        self.ranges.after_write()
+
+
+class _CalibrationRanges:
+    """The file onnxruntime keeps a quantizer's activation ranges in, and its cache entry."""
+
+    def __init__(self, quantizer: Quantizer, cache):
+        from edgec.artifact import sha256_file
+        from edgec.cache import array_digest, digest, library_versions
+
+        self.path, self.cache = quantizer.scratch / "ranges.json", cache
+        extra = quantizer.scheme.ort_options()["extra_options"]
+        self.key = digest({  # what reaches the calibrator: not the int8 types, not the weights
+            "what": "onnxruntime calibration ranges", "model": sha256_file(quantizer.pre),
+            "batches": [array_digest(b) for b in quantizer.batches],
+            "method": quantizer.params.calibration_method,
+            "calibrator": {k: v for k, v in extra.items() if k.startswith("Calib")},
+            "float_nodes": quantizer.float_nodes, "versions": library_versions()})
+
+    def before_write(self) -> None:
+        if self.path.is_file() or self.cache is None:
+            return
+        entry = self.cache.load("evaluations", self.key)
+        if entry is not None:
+            shutil.copyfile(entry.file("ranges.json"), self.path)
+
+    def after_write(self) -> None:
+        if self.cache is not None and self.path.is_file() \
+                and self.cache.load("evaluations", self.key) is None:
+            self.cache.store("evaluations", self.key, {"what": "calibration ranges"},
+                             {"ranges.json": self.path})
 
 
 def layer_name(tensor: str) -> str:
@@ -417,7 +458,9 @@ def quantize_int8(source, target, batches: list[np.ndarray], params: QuantizePar
 
 def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params: QuantizeParams,
                      scheme: int8.Int8Scheme, overrides: dict | None = None,
-                     float_nodes: Sequence[str] = ()) -> None:
+                     float_nodes: Sequence[str] = (), ranges: Path | None = None) -> None:
+    """quantize_static as QDQ; ``ranges``: onnxruntime's calibration cache file (read when it
+    exists, else written after calibrating)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -427,7 +470,8 @@ def _quantize_static(pre: Path, target: Path, batches: list[np.ndarray], params:
                                 "TensorQuantOverrides": overrides or {}}
     quantize_static(str(pre), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                     per_channel=params.per_channel, calibrate_method=method,
-                    nodes_to_exclude=list(float_nodes), **options)
+                    nodes_to_exclude=list(float_nodes), calibration_cache_path=ranges,
+                    **options)
 
 
 class _Reader:

@@ -88,6 +88,18 @@ def rechecked(record) -> bool:
     return drop is None or drop <= record.attrs["budget_points"] + 1e-9
 
 
+def feasible_front(records) -> list:
+    """The feasible trials no other feasible trial beats on latency and held-out top-1 both
+    (one per artifact), fastest first."""
+    feasible = sorted((r for r in records if r.feasible and "repeat_of" not in r.attrs),
+                      key=lambda r: (r.latency_ms, -r.heldout_top1))
+    front: list = []
+    for record in feasible:
+        if not front or record.heldout_top1 > front[-1].heldout_top1:
+            front.append(record)
+    return front
+
+
 def overlap(a, b) -> bool:
     """Whether the 95 % intervals of the two latency means overlap."""
     return abs(a.latency_ms - b.latency_ms) <= a.ci95_ms + b.ci95_ms

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.report import STYLE, lineage_rows, markdown_table
+from edgec.search.pick import feasible_front
 
 TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check drop",
                  "test top-1 %",
@@ -75,7 +76,7 @@ def _plot_trials(axes, done, outcome) -> None:
                       capsize=2, label=label)
         axes.annotate(f"#{record.number}", (record.latency_ms, record.heldout_top1),
                       textcoords="offset points", xytext=(5, 5), fontsize=7, color="#555555")
-    frontier = _frontier([r for r in done if r.feasible])
+    frontier = feasible_front(tuple(done))
     if len(frontier) > 1:
         axes.plot([r.latency_ms for r in frontier], [r.heldout_top1 for r in frontier], "-",
                   drawstyle="steps-post", color=COLOURS["front"], linewidth=1,
@@ -95,16 +96,6 @@ def _plot_trials(axes, done, outcome) -> None:
     axes.legend(loc="lower right", fontsize=8)
 
 
-def _frontier(records) -> list:
-    """The trials no other beats on both latency and held-out top-1, fastest first."""
-    frontier, best = [], float("-inf")
-    for record in sorted(records, key=lambda r: (r.latency_ms, -r.heldout_top1)):
-        if record.heldout_top1 > best:
-            frontier.append(record)
-            best = record.heldout_top1
-    return frontier
-
-
 # ----- the table --------------------------------------------------------------------------
 def trial_rows(outcome) -> list[tuple[str, ...]]:
     """One row per started trial, in TRIAL_COLUMNS order."""
@@ -119,6 +110,10 @@ def _row(record, outcome) -> tuple[str, ...]:
     status = record.state + (f": {record.attrs['error']}" if record.attrs.get("error") else "")
     if "repeat_of" in record.attrs:
         status = f"repeat of trial {record.attrs['repeat_of']}, not built"
+    elif record.state == "interrupted" and "error" not in record.attrs:
+        status = "interrupted: its process stopped (killed?); queued again"
+    if "retry_of" in record.attrs:
+        status += f" (runs trial {record.attrs['retry_of']} again)"
     if record.state != "complete" or "repeat_of" in record.attrs:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
                 "-", _seconds(record), status)

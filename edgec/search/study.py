@@ -30,6 +30,15 @@ from typing import Any
 
 from edgec.errors import BudgetError, EdgecError, SearchError
 from edgec.measure import MeasureSpec
+from edgec.search.pick import feasible_front
+from edgec.search.storage import (
+    Heartbeat,
+    ask,
+    beating,
+    fail_stale_trials,
+    open_storage,
+    retried_from,
+)
 from edgec.space import Space
 
 DIRECTIONS = ("minimize", "maximize", "minimize")  # latency ms, held-out top-1 %, size bytes
@@ -48,7 +57,8 @@ RECIPE_PARAM = "recipe"
 class SearchRequest:
     """What ``edgec search`` needs. ``overrides`` are fixed for every trial (``{"budget.holdout":
     250}`` for a small calibration split); a ``pass.param`` key applies to the recipes that run
-    that pass. Unset names resolve in :func:`plan_search`."""
+    that pass and takes that dimension out of their spaces. Unset names resolve in
+    :func:`plan_search`."""
 
     model: Path
     target: str = "local"
@@ -67,7 +77,9 @@ class SearchRequest:
     data: Path | None = None  # data TOML (default: the model TOML's)
     remeasure_rounds: int = 4  # interleaved rounds when the two fastest cannot be told apart
     view: str = "auto"  # the budget's view for every recipe (auto: see budget_overrides)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a dead trial's process: noticed
     recheck: int | None = None  # images to re-check the pick on (None: as many as held out)
+    eval_count: int = 0  # test images the device evaluates per trial (0: all; for slow boards)
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,7 @@ class SearchStatus:
     running: str = ""  # "trial 5: int8 on onnxruntime"
     step: str = ""  # the build's latest progress message
     best: str = ""  # the fastest feasible trial so far
+    front: tuple[str, ...] = ()  # the feasible front, fastest first (short labels)
     finished: TrialRecord | None = None  # set once, when a trial of this run ends
 
 
@@ -281,7 +294,7 @@ def _candidate(recipe: str, target, only: tuple[str, ...],
         return None, (f"no backend of target {target.name!r}"
                       f"{' among ' + ', '.join(only) if only else ''} takes its "
                       f"{pipeline.steps[-1].pass_.produces!r} output")
-    space = pipeline_space(pipeline, target, recipe_search(recipe))
+    space = pipeline_space(pipeline, target, recipe_search(recipe)).fixing(fixed)
     candidate = Candidate(pipeline.name, str(recipe), space, backends, passes)
     pipeline.with_overrides(fixed_overrides(fixed, candidate))  # a bad one fails here, once
     return candidate, ""
@@ -312,14 +325,16 @@ def open_study(plan: SearchPlan):
     moves with the trials already in the study, so a resumed search does not replay the random
     draws of its first run."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     if plan.storage.startswith("sqlite:///"):
         Path(plan.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        study = optuna.create_study(storage=plan.storage, study_name=plan.study_name,
+        storage = open_storage(plan.storage, plan.request.heartbeat)
+        study = optuna.create_study(storage=storage, study_name=plan.study_name,
                                     directions=list(DIRECTIONS), load_if_exists=True,
                                     sampler=_sampler(plan.request.seed))
-    except (ValueError, ImportError, RuntimeError) as exc:
+    except (ValueError, ImportError, RuntimeError, SQLAlchemyError) as exc:
         raise SearchError(f"cannot open study {plan.study_name!r} in {plan.storage}: {exc}; "
                           f"check --storage or use another --study") from exc
     _check_recipes(study, plan)
@@ -412,7 +427,8 @@ def build_request(plan: SearchPlan, config: TrialConfig):
     return BuildRequest(request.model, request.target, plan.candidates[config.recipe].recipe,
                         request.data, plan.build_root, request.measure, device=request.device,
                         backend=None if config.backend == AUTO_BACKEND else config.backend,
-                        overrides=dict(config.overrides), budget=request.budget)
+                        overrides=dict(config.overrides), budget=request.budget,
+                        eval_count=request.eval_count)
 
 
 def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
@@ -575,9 +591,14 @@ def trial_records(study) -> tuple[TrialRecord, ...]:
         state = trial.user_attrs.get("status", states[trial.state])
         if trial.state == optuna.trial.TrialState.RUNNING:
             state = "running"
+        elif "status" not in trial.user_attrs and trial.state == optuna.trial.TrialState.FAIL:
+            state = "interrupted"  # its process died; the heartbeat check queued it again
         feasible = all(v <= 0 for v in trial.constraints.values()) and state == "complete"
+        attrs = dict(trial.user_attrs)
+        if retried_from(trial) is not None:
+            attrs["retry_of"] = retried_from(trial)
         records.append(TrialRecord(trial.number, state, tuple(trial.values or ()) or None,
-                                   feasible, dict(trial.user_attrs)))
+                                   feasible, attrs))
     return tuple(records)
 
 
@@ -591,6 +612,12 @@ def best_so_far(records: tuple[TrialRecord, ...]) -> TrialRecord | None:
     """The fastest feasible trial."""
     feasible = [r for r in records if r.feasible]
     return min(feasible, key=lambda r: r.latency_ms) if feasible else None
+
+
+def front_lines(records: tuple[TrialRecord, ...]) -> tuple[str, ...]:
+    """'#3 int8 on onnxruntime: 0.38 ms, 91.80 %' per trial on the feasible front."""
+    return tuple(f"#{r.number} {r.recipe} on {r.backend}: {r.latency_ms:.3g} ms, "
+                 f"{r.heldout_top1:.2f} %" for r in feasible_front(records))
 
 
 def describe(record: TrialRecord | None) -> str:
@@ -630,12 +657,15 @@ def _run_trials(study, plan: SearchPlan, on_status):
     request = plan.request
     clock = _Clock(time.monotonic(), request.timeout_s)
     new, repeats, records = [], 0, trial_records(study)
-    status = SearchStatus(finished(records), request.trials, 0.0, best=describe(best_so_far(records)))
+    status = SearchStatus(finished(records), request.trials, 0.0,
+                          best=describe(best_so_far(records)), front=front_lines(records))
     on_status(status)
     while status.done < request.trials and not clock.out() and repeats < MAX_REPEATS:
-        trial = study.ask()
+        fail_stale_trials(study)  # a trial whose process died: failed, its configuration queued
+        trial = ask(study)
         try:
-            built = _one_trial(study, trial, plan, records, status, clock, on_status)
+            with beating(study, trial, request.heartbeat.interval_s):
+                built = _one_trial(study, trial, plan, records, status, clock, on_status)
         except KeyboardInterrupt:
             interrupted(study, trial, time.monotonic())
             raise
@@ -645,6 +675,7 @@ def _run_trials(study, plan: SearchPlan, on_status):
             new.append(trial.number)
             status = replace(status, done=finished(records), running="", step="",
                              elapsed_s=clock.elapsed(), best=describe(best_so_far(records)),
+                             front=front_lines(records),
                              finished=next(r for r in records if r.number == trial.number))
             on_status(status)
     return records, status, new, _stop_reason(status, request, repeats, clock)
@@ -702,6 +733,8 @@ def rebuild_command(plan: SearchPlan, record: TrialRecord) -> tuple[str, ...]:
         args += ["--backend", record.backend]
     if request.device != "local":
         args += ["--device", request.device]
+    if request.eval_count:
+        args += ["--eval-count", str(request.eval_count)]
     if request.data:
         args += ["--data", str(request.data)]
     for key, value in record.overrides.items():
