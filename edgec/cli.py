@@ -11,6 +11,7 @@ from rich.table import Table
 
 from edgec.cli_cache import cache_app
 from edgec.cli_devices import devices_app, profile
+from edgec.cli_latency import latency_app
 from edgec.cli_search import search
 from edgec.cli_space import space
 from edgec.config import parse_overrides
@@ -201,6 +202,7 @@ def check(
 
 app.add_typer(devices_app, name="devices")
 app.add_typer(cache_app, name="cache")
+app.add_typer(latency_app, name="latency")
 app.command("profile")(profile)
 app.command("space")(space)
 app.command("search")(search)

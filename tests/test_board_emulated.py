@@ -235,3 +235,35 @@ def test_search_on_the_emulated_board_measures_there(emulated_board, tmp_path, m
     assert outcome.pick is not None
     assert "--device" in outcome.command and "emulated-rpi4" in outcome.command
     assert "--eval-count" in outcome.command
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEC_BOARD_SEARCH_RESNET20"),
+                    reason="ResNet-20 search on the emulated board takes ~20 min under qemu; set "
+                           "EDGEC_BOARD_SEARCH_RESNET20=1 (and EDGEC_CACHE to a local search's "
+                           "cache to share its prune steps) to run it")
+def test_resnet20_search_on_the_emulated_board(emulated_board, tmp_path, monkeypatch):
+    """The ResNet-20 search of the issue's acceptance, on the emulated rpi4: fp32, int8 and
+    prune-int8 on onnxruntime (the board's root has no ExecuTorch), 8 trials, 200 test images
+    evaluated on the board; prints the pick and the table of trials."""
+    from edgec.devices.inventory import save_device
+    from edgec.search.report import trial_rows
+    from edgec.search.study import SearchRequest, run_search
+
+    config = sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                               name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                               connect_timeout_s=60.0, command_timeout_s=1800.0)
+    save_device(config, tmp_path / "devices")
+    monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
+    out = Path(os.environ.get("EDGEC_BOARD_SEARCH_OUT", tmp_path / "out"))
+    outcome = run_search(SearchRequest(
+        EXAMPLES / "resnet20_cifar10" / "model.toml", target="rpi4", device="emulated-rpi4",
+        trials=8, recipes=("fp32", "int8", "prune-int8"), backends=("onnxruntime",),
+        measure=MeasureSpec(warmup=2, repeat=10, min_time_s=0.0), eval_count=EVAL_IMAGES,
+        out=out, study="r20-emulated-rpi4"))
+    for row in trial_rows(outcome):
+        print(" | ".join(row))
+    print(f"pick: {outcome.pick and outcome.pick.record.label()}: "
+          f"{outcome.pick and outcome.pick.decision}")
+    built = [r for r in outcome.records if r.counts]
+    assert len(built) >= 6 and sum(r.state == "complete" for r in built) >= 4
+    assert outcome.pick is not None

@@ -1,0 +1,134 @@
+"""``edgec latency fit|predict``: the latency model of a board, learned from its profiles.
+
+Results go to stdout; errors and skipped keys to stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgec.errors import ConfigError, DataError, EdgecError
+
+latency_app = typer.Typer(no_args_is_help=True,
+                          help="A latency model per board, fit on edgec's own profiles.")
+console = Console()
+errors = Console(stderr=True)
+MODELS_DIR = Path("latency")
+
+
+def _fail(exc: EdgecError) -> None:
+    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
+                 soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def model_path(device: str) -> Path:
+    """Where ``edgec latency fit --device NAME`` writes by default: ``latency/NAME.json``."""
+    from edgec.devices.inventory import NAME_RE
+
+    if not NAME_RE.match(device):
+        raise ConfigError(f"device name {device!r} is not a safe file name; give the name of "
+                          f"the device (see `edgec devices list`) or of a target")
+    return MODELS_DIR / f"{device}.json"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def fit_table(model) -> Table:
+    """Both candidates' leave-one-configuration-out errors for one key; the chosen one marked."""
+    table = Table()
+    for column in ("candidate", "LOO MAPE", "median APE", "within ±10 %", "Kendall τ", "chosen"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for candidate, loo in model.loo.items():
+        if loo is None:
+            table.add_row(candidate, "-", "-", "-", "-", "too few configurations")
+            continue
+        tau = loo["kendall_tau"]
+        table.add_row(candidate, _percent(loo["mape"]), _percent(loo["median_ape"]),
+                      _percent(loo["within_10"]), "-" if tau is None else f"{tau:.3f}",
+                      "yes" if candidate == model.chosen else "")
+    return table
+
+
+def fit_device(device: str, profiles: Path) -> list:
+    """Fit every key of the device's profiles; keys with too few configurations are skipped
+    with a line on stderr. A DataError when nothing could be fit."""
+    from edgec.latency import fit, samples_from_profiles
+
+    grouped = samples_from_profiles(profiles, device)
+    if not grouped:
+        raise DataError(f"no profile of {device} under {profiles} carries latency features; "
+                        f"measure configurations on it first (edgec profile ARTIFACT --device "
+                        f"{device}, or edgec build --device {device})")
+    models = []
+    for key, samples in grouped.items():
+        try:
+            models.append(fit(samples, key))
+        except DataError as exc:
+            errors.print(f"skipped: {escape(str(exc))}", highlight=False, soft_wrap=True)
+    if not models:
+        raise DataError(f"no key of {device} has enough measured configurations to fit; "
+                        f"measure more and fit again")
+    return models
+
+
+@latency_app.command("fit")
+def fit_command(
+    device: str = typer.Option(..., help="device (or target) whose profiles to learn from"),
+    profiles: Path = typer.Option(Path("profiles"), help="profile database folder"),
+    out: Path = typer.Option(None, help="model file (default: latency/DEVICE.json)"),
+):
+    """Fit a latency model per key of the device's profiles; write latency/DEVICE.json.
+
+    One model per (backend, runtime, threads, governor); prints its candidates' LOO errors."""
+    from edgec.latency import save
+
+    try:
+        path = out or model_path(device)
+        model_path(device)  # the device name is a folder of the profile database too
+        models = fit_device(device, profiles)
+        save(path, models)
+    except EdgecError as exc:
+        _fail(exc)
+    for model in models:
+        console.print(f"{model.key.describe()}: {model.samples} samples, {model.configurations} "
+                      f"configurations", highlight=False, markup=False, soft_wrap=True)
+        console.print(fit_table(model))
+    console.print(f"wrote {len(models)} model(s) to {path}", highlight=False, markup=False,
+                  soft_wrap=True)
+
+
+@latency_app.command("predict")
+def predict_command(
+    artifact: Path = typer.Argument(..., help="artifact directory (edgec build output)"),
+    device: str = typer.Option(..., help="device (or target) the model was fit for"),
+    model: Path = typer.Option(None, help="model file (default: latency/DEVICE.json)"),
+    threads: int = typer.Option(1, help="threads the artifact would run with"),
+    runtime: str = typer.Option(None, help="runtime versions, e.g. onnxruntime=1.31.1 (only "
+                                           "when the file holds several)"),
+    governor: str = typer.Option(None, help="CPU governor (only when the file holds several)"),
+):
+    """Predict the artifact's mean latency on the device, and say which model predicted it."""
+    from edgec.latency import artifact_features, load, select_model
+
+    try:
+        models = load(model or model_path(device))
+        features = artifact_features(artifact, threads)
+        chosen = select_model(models, device, features["backend"], threads, runtime, governor)
+        latency_ms = chosen.predict(features, chosen.key)
+    except EdgecError as exc:
+        _fail(exc)
+    loo = chosen.loo[chosen.chosen]
+    console.print(f"{latency_ms:.4f} ms predicted mean latency of {artifact} on {device}",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print(f"by the {chosen.chosen} model of {chosen.key.describe()} (fit on "
+                  f"{chosen.samples} profiles, {chosen.configurations} configurations, profile "
+                  f"set {chosen.profile_set[:12]}; leave-one-out median error "
+                  f"{_percent(loo['median_ape'])})", highlight=False, markup=False, soft_wrap=True)

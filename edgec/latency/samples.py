@@ -1,0 +1,60 @@
+"""Training samples from the profile database: records of ``profiles/<device>/*.jsonl`` that
+carry the configuration's ``features``, grouped by the key they were measured under."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import DataError
+from edgec.latency.features import check_features
+from edgec.latency.model import LatencyKey, LatencySample, runtime_label
+
+
+def record_key(record: dict[str, Any], device: str) -> LatencyKey:
+    """The key a profile record was measured under: device, the features' backend, the
+    runtime versions on the board, the protocol's threads and the governor (if recorded)."""
+    summary = record.get("summary", {})
+    governor = record.get("governor") or summary.get("governor") or "unknown"
+    return LatencyKey(device, str(record["features"]["backend"]),
+                      runtime_label(record.get("runtime") or summary.get("runtime") or {}),
+                      int(record.get("protocol", {}).get("threads", 1)), str(governor))
+
+
+def record_sample(record: dict[str, Any], origin: str) -> LatencySample:
+    """A sample from one record: its features and the summary's mean latency (ms)."""
+    check_features(record["features"], origin)
+    latency = record.get("summary", {}).get("mean_ms")
+    if not isinstance(latency, int | float) or not latency > 0:
+        raise DataError(f"{origin}: the record has no positive summary mean_ms ({latency!r}); "
+                        f"remove the line or measure the configuration again")
+    return LatencySample(record["features"], float(latency), origin)
+
+
+def samples_from_profiles(root: str | Path, device: str) -> dict[LatencyKey, list[LatencySample]]:
+    """Samples of every record of ``device`` under ``root`` that carries ``features``, oldest
+    file first, by key. Records without features (measured before they were recorded) are
+    skipped; a damaged line is a DataError naming the file and line."""
+    grouped: dict[LatencyKey, list[LatencySample]] = {}
+    for path in sorted((Path(root) / device).glob("*.jsonl")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            origin = f"{path}:{number}"
+            record = _parse(line, origin)
+            if record is None or "features" not in record:
+                continue
+            sample = record_sample(record, origin)
+            grouped.setdefault(record_key(record, device), []).append(sample)
+    return grouped
+
+
+def _parse(line: str, origin: str) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{origin} is not a JSON record ({exc}); remove the line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{origin} is not a JSON object; remove the line")
+    return record
