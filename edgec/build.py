@@ -21,7 +21,8 @@ from edgec.cache import Cache, dataset_identity, digest, library_versions
 from edgec.cpu import CpuInfo, host_cpu, target_cpu
 from edgec.data import Dataset, load_data_config
 from edgec.devices import LocalDevice, open_device
-from edgec.errors import CompileError, ConfigError, ModelError
+from edgec.errors import CompileError, ConfigError, EdgecError, ModelError
+from edgec.latency.features import layer_table_from_onnx, profile_features
 from edgec.measure import Measurement, MeasureSpec
 from edgec.model import ModelConfig, load_model_config, load_torch_model
 from edgec.passes.export import ExportParams, ExportPass
@@ -113,7 +114,8 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
         getattr(profiler, "close", lambda: None)()
     latency = rows[0].latency
     if latency and request.device != "local" and not latency.extra.get("from_cache"):
-        ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, latency)
+        ProfileDB(request.profiles).record(profiler.name, manifest, request.measure, latency,
+                                           profile_features(directory, request.measure.threads))
     return BuildResult(directory, manifest, (reference, *rows),
                        tuple(manifest.get("warnings", ())))
 
@@ -265,8 +267,25 @@ def write_artifact(artifact: Artifact, config: ModelConfig, target: Target, reci
     }
     if "int8" in artifact.extras:
         manifest["int8"] = artifact.extras["int8"]
+    layers = layer_table(artifact)
+    if layers:
+        manifest["layers"] = layers  # features of the latency model (edgec.latency)
     write_json(directory / "manifest.json", manifest)
     return manifest
+
+
+def layer_table(artifact: Artifact) -> list[dict] | None:
+    """The artifact's layer table: a pass's (``extras['layers']``, e.g. before PT2E lowering),
+    else read from a single ONNX file; None for what neither covers (a cascade is read from
+    its stage files later)."""
+    if "layers" in artifact.extras:
+        return artifact.extras["layers"]
+    if artifact.stage != "onnx" or artifact.extras.get("cascade"):
+        return None
+    try:
+        return layer_table_from_onnx(artifact.payload)
+    except EdgecError:  # a graph the table does not understand: the build goes on without it
+        return None
 
 
 def _torch_version() -> dict[str, str]:

@@ -179,6 +179,7 @@ def profile(
     """Measure ARTIFACT on DEVICE and append the result to profiles/<device>/<date>.jsonl."""
     from edgec.artifact import read_manifest
     from edgec.devices import open_device
+    from edgec.latency.features import profile_features
     from edgec.measure import MeasureSpec
     from edgec.profiles import ProfileDB
 
@@ -190,7 +191,8 @@ def profile(
             measurement = board.measure(artifact, spec)
         finally:
             getattr(board, "close", lambda: None)()
-        path = ProfileDB(profiles).record(board.name, manifest, spec, measurement)
+        path = ProfileDB(profiles).record(board.name, manifest, spec, measurement,
+                                          profile_features(artifact, threads))
     except EdgecError as exc:
         _fail(exc)
     table = Table(title=f"{manifest['name']} on {board.name}")

@@ -1,4 +1,4 @@
-"""``edgec latency fit|predict``: the latency model of a board, learned from its profiles.
+"""``edgec latency sample|fit|predict``: the latency model of a board, learned from its profiles.
 
 Results go to stdout; errors and skipped keys to stderr.
 """
@@ -132,3 +132,34 @@ def predict_command(
                   f"{chosen.samples} profiles, {chosen.configurations} configurations, profile "
                   f"set {chosen.profile_set[:12]}; leave-one-out median error "
                   f"{_percent(loo['median_ape'])})", highlight=False, markup=False, soft_wrap=True)
+
+
+@latency_app.command("sample")
+def sample_command(
+    model: Path = typer.Option(..., help="model TOML (factory/checkpoint/input/data)"),
+    device: str = typer.Option("local", help="device to measure on (devices/NAME.toml)"),
+    target: str = typer.Option("local", help="target the configurations are compiled for"),
+    n: int = typer.Option(40, help="configurations in the sample (a larger n extends a smaller)"),
+    multiple: list[int] = typer.Option([8, 16], help="channel multiples of pruned widths"),
+    threads: list[int] = typer.Option([1], help="runtime threads (repeatable)"),
+    repeat: int = typer.Option(50, help="minimum timed runs per measurement"),
+    min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
+    profiles: Path = typer.Option(Path("profiles"), help="profile database folder"),
+    seed: int = typer.Option(0, help="the order the grid is drawn in"),
+):
+    """Measure N configurations (MAC cuts x channel multiples x int8 schemes x threads) built
+    without training and record them with their features; resumes where it stopped."""
+    from edgec.latency.sample import SampleRequest, run_sample
+    from edgec.measure import MeasureSpec
+
+    request = SampleRequest(model, device, target, n, tuple(multiple), tuple(threads),
+                            MeasureSpec(repeat=repeat, min_time_s=min_time), profiles, seed)
+    try:
+        outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
+                                                                   markup=False))
+    except EdgecError as exc:
+        _fail(exc)
+    console.print(f"measured {len(outcome.measured)} configuration(s), {len(outcome.skipped)} "
+                  f"found in {profiles}/{device}, {len(outcome.unbuildable)} not buildable; fit "
+                  f"with `edgec latency fit --device {device}`",
+                  highlight=False, markup=False, soft_wrap=True)

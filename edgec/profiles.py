@@ -37,8 +37,11 @@ class ProfileDB:
         self.root = Path(root)
 
     def record(self, device: str, manifest: dict[str, Any], spec: MeasureSpec,
-               measurement: Measurement) -> Path:
-        """Append one measurement; returns the file it went to."""
+               measurement: Measurement, features: dict[str, Any] | None = None,
+               tags: dict[str, Any] | None = None) -> Path:
+        """Append one measurement; returns the file it went to. ``features``: the artifact's
+        (:func:`edgec.latency.features.artifact_features`), what the latency model learns from;
+        ``tags``: more fields of the record (e.g. ``sample``: the configuration it measured)."""
         if not NAME_RE.match(device):
             raise ConfigError(f"device name {device!r} is not a safe folder name")
         samples = measurement.samples_ms
@@ -53,6 +56,7 @@ class ProfileDB:
             "runtime": measurement.runtime, "build_versions": manifest.get("versions", {}),
             "protocol": asdict(spec), "summary": measurement.summary(),
             "samples_ms": list(samples),
+            **({"features": features} if features is not None else {}), **(tags or {}),
         }
         path = self.root / device / f"{now.date().isoformat()}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -399,3 +399,30 @@ def test_cli_fits_every_key_of_a_device_and_predicts_an_artifact(tables, artifac
     assert failed.output.startswith("error: ConfigError: no latency model for device pi")
     missing = runner.invoke(app, ["latency", "fit", "--device", "nobody"])
     assert missing.exit_code == 2 and "no profile of nobody" in missing.output
+
+
+def test_sample_measures_structures_records_features_and_resumes(tmp_path):
+    """`edgec latency sample` on digits: every configuration is built without training,
+    measured here and recorded with its features and configuration; a second run measures
+    nothing, and the records fit a model."""
+    from edgec.latency.sample import SampleRequest, run_sample
+    from edgec.measure import MeasureSpec
+    from edgec.profiles import ProfileDB
+    from tests.conftest import EXAMPLES
+
+    request = SampleRequest(EXAMPLES / "digits" / "model.toml", count=6, multiples=(4,),
+                            measure=MeasureSpec(repeat=10, min_time_s=0.02),
+                            profiles=tmp_path / "profiles")
+    first = run_sample(request)
+    assert len(first.measured) + len(first.unbuildable) == 6 and not first.skipped
+    records = ProfileDB(tmp_path / "profiles").records("local")
+    assert len(records) == len(first.measured) >= 4
+    for record in records:
+        assert record["sample"]["scheme"] in ("fp32", "u8s8", "u8u8", "s8s8", "s8s8-symmetric")
+        assert record["features"]["layers"] and record["features"]["threads"] == 1
+        precisions = {layer["precision"] for layer in record["features"]["layers"]}
+        assert precisions == ({"fp32"} if record["sample"]["scheme"] == "fp32" else {"int8"})
+    again = run_sample(request)
+    assert not again.measured and len(again.skipped) == len(first.measured)
+    grouped = samples_from_profiles(tmp_path / "profiles", "local")
+    assert sum(len(samples) for samples in grouped.values()) == len(records)

@@ -231,6 +231,15 @@ def artifact_features(directory: str | Path, threads: int = 1,
     }
 
 
+def profile_features(directory: str | Path, threads: int = 1) -> dict[str, Any] | None:
+    """:func:`artifact_features` for a profile record, or None when the artifact's layers are
+    unknown (a measurement is recorded either way; the latency model skips it)."""
+    try:
+        return artifact_features(directory, threads)
+    except (ConfigError, DataError, ModelError):
+        return None
+
+
 # --- aggregate features ------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from edgec.artifact import Artifact
 from edgec.data import to_batches
 from edgec.errors import PassError, require
+from edgec.latency.features import layer_table_from_torch
 from edgec.pipeline import Context, Step
 from edgec.space import boolean
 
@@ -47,6 +48,9 @@ class QuantizePt2ePass:
             raise PassError("quantize_pt2e needs calibration data: give --data with a "
                             "[calibration] split")
         calibration = ctx.calibration.head(params.calibration_count)
+        # the lowered graph has no Conv2d modules left: the latency model's layer table
+        # (edgec.latency.features) is read from the float model it quantizes
+        layers = layer_table_from_torch(artifact.payload, ctx.input_spec, precision="int8")
         model = quantize_int8_pt2e(artifact.payload,
                                    to_batches(calibration, ctx.input_spec, params.batch),
                                    params.per_channel)
@@ -54,7 +58,7 @@ class QuantizePt2ePass:
                   "quantizer": "XNNPACKQuantizer"}
         ctx.progress(f"quantize_pt2e: int8 calibrated on {len(calibration)} images")
         return artifact.derive("torch", model, Step(self, params).lineage(report),
-                               precision="int8")
+                               precision="int8", layers=layers)
 
 
 def quantize_int8_pt2e(model, batches, per_channel: bool = True):

@@ -1,0 +1,173 @@
+"""Seeding a board's profile database: measure a family of configurations without training them.
+
+Latency does not depend on the weights' values, so a configuration's structure is built straight
+from the model: a one-shot structured prune to a MAC cut (no fine-tune, no reconstruction, no
+accuracy budget), BatchNorm folding, ONNX export and, unless fp32, int8 PTQ with a forced scheme
+calibrated on a few images; the result is compiled for the target, measured on the device with
+the search's protocol (:class:`edgec.measure.MeasureSpec`) and recorded in ProfileDB with its
+features (:func:`edgec.latency.features.artifact_features`) and the configuration it came from.
+A configuration already recorded for the device, model and protocol is skipped, so an
+interrupted ``edgec latency sample`` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from edgec.errors import PassError
+from edgec.measure import MeasureSpec
+
+CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # MAC fractions removed
+SCHEMES = ("fp32", "u8s8", "u8u8", "s8s8", "s8s8-symmetric")
+CALIBRATION_IMAGES = 64  # ranges for latency only: a few images do
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """One structure to measure: MAC cut, channel multiple, precision/scheme, threads."""
+
+    cut: float
+    channel_multiple: int
+    scheme: str  # "fp32" or an int8 scheme (edgec.int8.SCHEMES)
+    per_channel: bool
+    threads: int
+
+    def key(self) -> str:
+        return (f"cut={self.cut:g} multiple={self.channel_multiple} scheme={self.scheme} "
+                f"per_channel={self.per_channel} threads={self.threads}")
+
+
+def sample_configs(count: int, multiples: tuple[int, ...], threads: tuple[int, ...],
+                   seed: int = 0) -> list[SampleConfig]:
+    """``count`` distinct configurations drawn from the grid in a fixed order (``seed``): the
+    first of them are the same whatever ``count``, so a larger sample extends a smaller one."""
+    grid = [SampleConfig(cut, multiple, scheme, per_channel, t)
+            for cut in CUTS for multiple in multiples for scheme in SCHEMES
+            for per_channel in ((False,) if scheme == "fp32" else (True, False))
+            for t in threads]
+    grid = list(dict.fromkeys(replace(c, channel_multiple=multiples[0]) if c.cut == 0 else c
+                              for c in grid))  # an unpruned model has no multiple
+    random.Random(seed).shuffle(grid)
+    return grid[:count]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What ``edgec latency sample`` needs."""
+
+    model: Path
+    device: str = "local"
+    target: str = "local"
+    count: int = 40
+    multiples: tuple[int, ...] = (8, 16)
+    threads: tuple[int, ...] = (1,)
+    measure: MeasureSpec = MeasureSpec()
+    profiles: Path = Path("profiles")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    """Per configuration: measured now, or found in the profile database."""
+
+    measured: tuple[SampleConfig, ...]
+    skipped: tuple[SampleConfig, ...]
+    unbuildable: tuple[tuple[SampleConfig, str], ...] = ()  # e.g. a cut the widths cannot reach
+
+
+def run_sample(request: SampleRequest,
+               progress: Callable[[str], None] = lambda message: None) -> SampleOutcome:
+    """Build, measure and record every configuration not yet in the profile database."""
+    from edgec.data import load_data_config
+    from edgec.devices import open_device
+    from edgec.model import load_model_config, load_torch_model
+    from edgec.profiles import ProfileDB
+    from edgec.targets import load_target
+
+    config, target = load_model_config(request.model), load_target(request.target)
+    model = load_torch_model(config)
+    calibration = load_data_config(config.resolve(config.data)).load("calibration") \
+        .head(CALIBRATION_IMAGES)
+    database = ProfileDB(request.profiles)
+    device = open_device(request.device)
+    measured, skipped, unbuildable = [], [], []
+    try:
+        done = _recorded(database, device.name, config.name)
+        configs = sample_configs(request.count, request.multiples, request.threads, request.seed)
+        for index, sample in enumerate(configs):
+            spec = replace(request.measure, threads=sample.threads)
+            if _protocol_key(sample, spec) in done:
+                skipped.append(sample)
+                continue
+            progress(f"sample {index + 1} of {len(configs)}: {sample.key()}")
+            try:
+                _measure_one(sample, spec, model, config, target, calibration, device, database)
+            except PassError as exc:  # not a structure of this model: the others still count
+                progress(f"  not buildable: {exc}")
+                unbuildable.append((sample, str(exc)))
+                continue
+            measured.append(sample)
+    finally:
+        getattr(device, "close", lambda: None)()
+    return SampleOutcome(tuple(measured), tuple(skipped), tuple(unbuildable))
+
+
+def _protocol_key(sample: SampleConfig, spec: MeasureSpec) -> str:
+    protocol = {k: v for k, v in asdict(spec).items() if k != "data"}
+    return f"{sample.key()} {sorted(protocol.items())}"
+
+
+def _recorded(database, device: str, model: str) -> set[str]:
+    """The sample configurations (with their protocols) the database holds for this model."""
+    found = set()
+    for record in database.records(device):
+        sample = record.get("sample")
+        if sample and record.get("model") == model:
+            spec = MeasureSpec(**{k: v for k, v in record["protocol"].items()
+                                  if k in MeasureSpec.__dataclass_fields__})
+            found.add(_protocol_key(SampleConfig(**sample), spec))
+    return found
+
+
+def _measure_one(sample: SampleConfig, spec: MeasureSpec, model, config, target, calibration,
+                 device, database) -> None:
+    from edgec.build import write_artifact
+    from edgec.latency.features import profile_features
+
+    with tempfile.TemporaryDirectory(prefix="edgec-sample-") as scratch:
+        scratch = Path(scratch)
+        built = _structure(sample, model, config, target, calibration, scratch)
+        directory = scratch / "artifact"
+        directory.mkdir()
+        manifest = write_artifact(built, config, target, [{"sample": asdict(sample)}], directory,
+                                  "onnxruntime")
+        measurement = device.measure(directory, spec)
+        database.record(device.name, manifest, spec, measurement,
+                        profile_features(directory, sample.threads), {"sample": asdict(sample)})
+
+
+def _structure(sample: SampleConfig, model, config, target, calibration, scratch: Path):
+    """The configuration's ONNX model: pruned to the cut, folded, exported, quantized."""
+    from edgec.artifact import Artifact
+    from edgec.passes import PASSES
+    from edgec.pipeline import Context, Pipeline, Step
+
+    steps = []
+    if sample.cut > 0:
+        steps.append(("prune", {"ratio": sample.cut, "ratio_of": "macs", "reconstruct": False,
+                                "channel_multiple": sample.channel_multiple,
+                                "finetune_epochs": 0.0}))
+    steps += [("fuse", {}), ("export", {})]
+    if sample.scheme != "fp32":
+        steps.append(("quantize", {"scheme": sample.scheme, "per_channel": sample.per_channel,
+                                   "calibration": "data",
+                                   "calibration_count": len(calibration)}))
+    pipeline = Pipeline([Step(PASSES[name](), PASSES[name].Params(**params))
+                         for name, params in steps], "sample")
+    ctx = Context(target, config.input, calibration, scratch, baseline=model,
+                  backend="onnxruntime")
+    return pipeline.run(Artifact("torch", model), ctx)
