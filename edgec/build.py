@@ -14,7 +14,14 @@ import numpy as np
 
 from edgec import __version__, step_outputs
 from edgec.accuracy import top1, torch_logits
-from edgec.artifact import Artifact, atomic_directory, content_hash, sha256_file, write_json
+from edgec.artifact import (
+    Artifact,
+    atomic_directory,
+    content_hash,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
 from edgec.backends import BACKENDS
 from edgec.budget import BudgetSpec, Ledger
 from edgec.cache import Cache, dataset_identity, digest, library_versions
@@ -53,6 +60,7 @@ class BuildRequest:
     overrides: dict[str, Any] = field(default_factory=dict)  # {"prune.ratio": 0.2}: see --set
     budget: float | None = None  # top-1 points the build may lose (None: the recipe's [budget])
     cache: bool = True  # look steps, evaluations and measurements up in the cache (edgec.cache)
+    evaluate: bool = True  # top-1 on the evaluation split here (a search skips it: see search)
 
 
 DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
@@ -84,7 +92,8 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     progress(f"loading model {config.name}")
     source = _load_source(config)
     cache = Cache(enabled=request.cache)
-    float_top1 = _float_top1(source, evaluation, config, cache, progress)
+    float_top1 = _float_top1(source, evaluation, config, cache, progress) \
+        if request.evaluate else None
     budget = budget_spec(pipeline, request.budget)
     ledger = None
     if budget is not None:
@@ -307,7 +316,8 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     config = ModelConfig(name="fp32", input=ctx.input_spec, factory="-")
     manifest = write_artifact(exported, config, target, [], directory)
     latency = cached_measure(ctx.cache, device, directory, request.measure, manifest, ctx.cpu)
-    return Row("fp32", float_top1, manifest["size_bytes"], latency, top1_on,
+    return Row("fp32", float("nan") if float_top1 is None else float_top1,
+               manifest["size_bytes"], latency, top1_on,
                _where(device.name, target))
 
 
@@ -336,7 +346,10 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             on_host = manifest["entry"].get("runs_on_host", True)
             count = manifest["entry"].get("eval_count", 0)  # hls4ml's C simulation is slow
-            if on_host:
+            if on_host and not request.evaluate:
+                manifest["accuracy"] = {"skipped": "not evaluated (edgec search evaluates its "
+                                                   "pick only)"}
+            elif on_host:
                 progress("evaluating the artifact with its own runner")
                 manifest["accuracy"] = accuracy_record(
                     cached_evaluate(ctx.cache, device, tmp, eval_npz, count, manifest), "local")
@@ -367,6 +380,21 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, manifest, rows
+
+
+def evaluate_built(directory: Path, model: Path, data: Path | None = None) -> float | None:
+    """Top-1 (fraction) of a built artifact on its model's evaluation split, here, through the
+    cache; the artifact is not touched. None when its code does not run on this host."""
+    manifest = read_manifest(directory)
+    if not manifest["entry"].get("runs_on_host", True):
+        return None
+    _, evaluation = _load_data(load_model_config(model), data)
+    with tempfile.TemporaryDirectory(prefix="edgec-eval-") as scratch:
+        eval_npz = Path(scratch) / "evaluation.npz"
+        np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
+        result = cached_evaluate(Cache(), LocalDevice(), directory, eval_npz,
+                                 manifest["entry"].get("eval_count", 0), manifest)
+    return result["top1"]
 
 
 def cached_evaluate(cache: Cache, device, artifact: Path, eval_npz: Path, count: int,

@@ -12,7 +12,7 @@ from rich.table import Table
 from edgec.cli_cache import cache_app
 from edgec.cli_devices import devices_app, profile
 from edgec.cli_latency import latency_app
-from edgec.cli_search import search
+from edgec.cli_search import search, search_worker
 from edgec.cli_space import space
 from edgec.config import parse_overrides
 from edgec.errors import EdgecError
@@ -206,6 +206,7 @@ app.add_typer(latency_app, name="latency")
 app.command("profile")(profile)
 app.command("space")(space)
 app.command("search")(search)
+app.command("search-worker")(search_worker)
 
 
 def main() -> None:

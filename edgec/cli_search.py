@@ -1,6 +1,7 @@
 """``edgec search MODEL --target T``: find the fastest configuration inside an accuracy budget,
 measured on the device; a live display while it runs, the pick and its rebuild command at the
-end (see :mod:`edgec.search.study`)."""
+end (see :mod:`edgec.search.study`). ``--workers K`` and ``edgec search-worker`` run one study
+with many workers, on this machine or others (:mod:`edgec.search.workers`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def search(
     min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
     threads: int = typer.Option(1, help="runtime threads during measurement"),
     seed: int = typer.Option(0, help="the sampler's seed"),
+    workers: int = typer.Option(1, help="worker processes running trials at once (more than 1 "
+                                        "needs --storage postgresql://...; other machines join "
+                                        "with `edgec search-worker`)"),
 ):
     """Search recipes, their declared spaces and the target's backends for the fastest
     configuration whose held-out top-1 drop stays inside --budget; print the pick and the
@@ -67,7 +71,8 @@ def search(
 
     from edgec.config import parse_overrides
     from edgec.measure import MeasureSpec
-    from edgec.search.study import SearchRequest, run_search
+    from edgec.search.study import SearchRequest
+    from edgec.search.workers import search as run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -77,7 +82,7 @@ def search(
             {**parse_overrides(set_ or []), **({"budget.holdout": holdout} if holdout else {})},
             MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data,
             view=view, recheck=recheck, eval_count=eval_count)
-        outcome = _run_live(request, run_search)
+        outcome = _run_live(request, lambda request, show: run_search(request, workers, show))
     except EdgecError as exc:
         errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
                      highlight=False, soft_wrap=True)
@@ -89,6 +94,46 @@ def search(
     _print_outcome(outcome)
     if outcome.pick is None:
         raise typer.Exit(1)
+
+
+def search_worker(
+    study: str = typer.Option(..., help="the study to join (the name `edgec search` gave it)"),
+    storage: str = typer.Option(..., envvar="EDGEC_SEARCH_STORAGE",
+                                help="its storage, e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+                                     "($EDGEC_SEARCH_STORAGE keeps the password off the "
+                                     "command line)"),
+    device: str = typer.Option(None, help="measure on this device of this machine's inventory "
+                                          "(devices/NAME.toml) instead of the study's: the same "
+                                          "board, or one just like it"),
+    timeout: float = typer.Option(None, help="start no new trial after this many seconds"),
+    out: Path = typer.Option(None, help="folder of this worker's artifacts, OUT/build (default: "
+                                        "the study's --out, else search/STUDY)"),
+):
+    """Join a study that `edgec search --storage URL` started, from this machine or another,
+    and run its trials with the other workers until it holds its --trials (the model and data
+    files must be at the study's paths, relative to where this runs). `edgec search` on the
+    study picks once it is complete."""
+    import optuna
+
+    from edgec.search.storage import masked
+    from edgec.search.workers import join
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        outcome = _run_live(None, lambda _, show: join(study, storage, device, timeout, out,
+                                                       show))
+    except EdgecError as exc:
+        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted: the running trial is queued again for the other workers",
+                     highlight=False)
+        raise typer.Exit(130) from None
+    built = ", ".join(map(str, outcome.new_trials)) or "none"
+    console.print(f"worker {outcome.worker} on study {study} ({masked(storage)}): built trials "
+                  f"{built}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"stopped: {outcome.stopped}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _run_live(request, run_search):
@@ -143,6 +188,9 @@ def _print_outcome(outcome) -> None:
 
         console.print(f"[bold]pick[/]: {escape(describe(outcome.pick.record))}", highlight=False)
         console.print(f"why: {outcome.pick.decision}", highlight=False, markup=False)
+        if outcome.pick.test_top1 is not None:
+            console.print(f"test top-1: {outcome.pick.test_top1:.2f} % (evaluation split)",
+                          highlight=False, markup=False)
         console.print("rebuild (from the cache):", highlight=False)
         console.print(shlex.join(outcome.command), highlight=False, markup=False, soft_wrap=True)
     for path in outcome.reports:

@@ -11,11 +11,12 @@ apt_install() {
 }
 apt_install openssh-server openssh-client iproute2   # SSH device tests: real sshd, netns board
 apt_install g++   # hls4ml's C simulation (tests/test_hls.py)
+apt_install postgresql   # tests/test_workers.py: a throwaway cluster (initdb, pg_ctl) per session
 # TVM cross-compilation for aarch64 and the emulated Raspberry Pi (qemu-user + arm64 Debian root)
 apt_install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static qemu-user debootstrap \
     binfmt-support
 python -m pip install -q torch==2.13.0   # the local CPU wheel; never a CUDA build
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,postgres]"   # postgres: the drivers of postgresql:// URLs
 python -m pip install -q -e ".[tvm]"
 python -m pip install -q -e ".[mobile,fpga]" torch==2.13.0   # ExecuTorch, hls4ml; keep torch
 # the emulated Raspberry Pi for tests/test_rpi4_qemu.py (cached in .board/; ~5-8 min the first time)

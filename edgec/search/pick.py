@@ -34,6 +34,7 @@ class Pick:
     finalists: tuple[int, ...] = ()  # trial numbers re-measured, in the order measured
     rounds: tuple[tuple[float, ...], ...] = ()  # per round: each finalist's median ms
     medians_ms: tuple[float, ...] = ()  # each finalist's median over all its rounds' samples
+    test_top1: float | None = None  # % on the evaluation split (reported, never chooses)
 
     @property
     def number(self) -> int:
@@ -43,7 +44,7 @@ class Pick:
         return {"trial": self.number, "label": self.record.label(), "decision": self.decision,
                 "finalists": list(self.finalists),
                 "rounds_median_ms": [list(r) for r in self.rounds],
-                "medians_ms": list(self.medians_ms)}
+                "medians_ms": list(self.medians_ms), "test_top1": self.test_top1}
 
 
 @dataclass(frozen=True)

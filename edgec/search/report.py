@@ -118,6 +118,8 @@ def _row(record, outcome) -> tuple[str, ...]:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
                 "-", _seconds(record), status)
     test, again = record.attrs.get("test_top1"), record.attrs.get("recheck_drop")
+    if outcome.pick is not None and outcome.pick.number == record.number:
+        test = outcome.pick.test_top1  # trials skip the test split; the pick is evaluated
     return (str(record.number), config, ", ".join(marks), f"{record.heldout_top1:.2f}",
             f"{record.attrs['heldout_drop']:.2f}", "-" if again is None else f"{again:.2f}",
             "-" if test is None else f"{test:.2f}",
@@ -175,6 +177,9 @@ def summary_lines(outcome) -> list[str]:
         return lines
     lines.append(f"pick: trial {outcome.pick.number}, {outcome.pick.record.label()}: "
                  f"{outcome.pick.decision}")
+    if outcome.pick.test_top1 is not None:
+        lines.append(f"the pick's top-1 on the evaluation (test) split: "
+                     f"{outcome.pick.test_top1:.2f} %")
     lines.append(f"rebuild: `{shlex.join(outcome.command)}`")
     return lines
 

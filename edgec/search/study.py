@@ -35,8 +35,11 @@ from edgec.search.storage import (
     Heartbeat,
     ask,
     beating,
+    claim_lock,
     fail_stale_trials,
+    masked,
     open_storage,
+    request_attrs,
     retried_from,
 )
 from edgec.space import Space
@@ -335,12 +338,10 @@ def open_study(plan: SearchPlan):
                                     directions=list(DIRECTIONS), load_if_exists=True,
                                     sampler=_sampler(plan.request.seed))
     except (ValueError, ImportError, RuntimeError, SQLAlchemyError) as exc:
-        raise SearchError(f"cannot open study {plan.study_name!r} in {plan.storage}: {exc}; "
+        raise SearchError(f"cannot open study {plan.study_name!r} in {masked(plan.storage)}: {exc}; "
                           f"check --storage or use another --study") from exc
     _check_recipes(study, plan)
-    study.set_user_attr("request", {"target": plan.request.target,
-                                    "budget": plan.request.budget,
-                                    "device": plan.request.device})
+    study.set_user_attr("request", request_attrs(plan.request))  # a joining worker reads it
     study.sampler = _sampler(plan.request.seed + len(study.trials))
     for name in (name for name in plan.candidates if name in BASELINES):  # in --recipe order
         enqueue_config(study, plan.candidates[name], plan.candidates[name].backends[0])
@@ -428,7 +429,7 @@ def build_request(plan: SearchPlan, config: TrialConfig):
                         request.data, plan.build_root, request.measure, device=request.device,
                         backend=None if config.backend == AUTO_BACKEND else config.backend,
                         overrides=dict(config.overrides), budget=request.budget,
-                        eval_count=request.eval_count)
+                        eval_count=request.eval_count, evaluate=False)  # the pick's: at the end
 
 
 def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
@@ -504,6 +505,31 @@ def same_config(records: tuple[TrialRecord, ...], config: TrialConfig) -> TrialR
     """The first finished, built trial of the same recipe, backend and overrides, if any."""
     return next((r for r in records if r.counts and r.recipe == config.recipe
                  and r.backend == config.backend and r.overrides == config.overrides), None)
+
+
+def claim_config(study, trial, config: TrialConfig, plan: SearchPlan) -> TrialRecord | None:
+    """Claim ``config`` for ``trial`` (its attributes set, so other workers see it running) and
+    return None; or return the finished trial that built it, which ``trial`` then repeats. While
+    another worker's trial runs it, ``trial`` waits (marked ``waits_for``) for that one; if that
+    worker dies, the trial is failed by its heartbeat and this one builds the configuration."""
+    waited = trial.user_attrs.get("waits_for") is not None  # a retry of a waiting trial
+    while True:
+        with claim_lock(study):  # one worker at a time, so two never claim the same config
+            records = trial_records(study)
+            earlier = same_config(records, config)
+            running = next((r for r in records if r.state == "running" and r.number != trial.number
+                            and r.recipe == config.recipe and r.backend == config.backend
+                            and r.overrides == config.overrides), None)
+            if earlier is None and running is None:
+                _set_attrs(trial, {**_config_attrs(plan, config),
+                                   **({"waits_for": None} if waited else {})})
+                return None
+        if earlier is not None:
+            return earlier
+        trial.set_user_attr("waits_for", running.number)
+        waited = True
+        time.sleep(min(plan.request.heartbeat.interval_s, 5))
+        fail_stale_trials(study)
 
 
 def _set_attrs(trial, attrs: dict[str, Any]) -> None:
@@ -635,21 +661,50 @@ def run_search(request: SearchRequest,
     """Run trials until the study holds ``request.trials`` built ones, the timeout passes or the
     sampler only repeats configurations; then pick (:mod:`edgec.search.pick`) and write the
     report (:mod:`edgec.search.report`)."""
-    from edgec.search.pick import Remeasure, choose
-    from edgec.search.report import write_report
-
     plan = plan_search(request)
     study = open_study(plan)
     records, status, new, stopped = _run_trials(study, plan, on_status)
+    return conclude(study, plan, records, status, new, stopped, on_status)
+
+
+def conclude(study, plan: SearchPlan, records: tuple[TrialRecord, ...], status: SearchStatus,
+             new, stopped: str, on_status: Callable[[SearchStatus], None] = lambda status: None
+             ) -> SearchOutcome:
+    """The end of a search (also of one whose trials workers ran, :mod:`edgec.search.workers`):
+    pick among ``records`` and write the report."""
+    from edgec.search.pick import Remeasure, choose
+    from edgec.search.report import write_report
+
+    request = plan.request
     front = tuple(t.number for t in study.best_trials)
     again = Remeasure(request.device, request.measure, request.remeasure_rounds)
     pick = choose(records, front, again,
                   lambda message: on_status(replace(status, step=message, finished=None)))
+    if pick is not None:
+        pick = replace(pick, test_top1=test_top1(plan, pick.record, lambda message: on_status(
+            replace(status, step=message, finished=None))))
     command = rebuild_command(plan, pick.record) if pick else ()
     if pick is not None:
         study.set_user_attr("pick", {**pick.to_json(), "command": list(command)})
     outcome = SearchOutcome(plan, records, front, tuple(new), pick, command, stopped)
     return replace(outcome, reports=write_report(outcome))
+
+
+def test_top1(plan: SearchPlan, record: TrialRecord,
+              progress: Callable[[str], None]) -> float | None:
+    """The pick's top-1 (%) on the evaluation split, for the report: trials skip it (nothing
+    chooses by it), so only the pick's artifact is evaluated, here. None when its code does not
+    run on this host (e.g. an aarch64 .so) or the evaluation fails."""
+    from edgec.build import evaluate_built
+
+    progress(f"evaluating the pick (trial {record.number}) on the evaluation split")
+    try:
+        top1 = evaluate_built(Path(record.attrs["artifact"]), plan.request.model,
+                              plan.request.data)
+    except EdgecError as exc:
+        progress(f"the pick's evaluation failed: {exc}")
+        return None
+    return None if top1 is None else round(top1 * 100, 4)
 
 
 def _run_trials(study, plan: SearchPlan, on_status):
@@ -686,7 +741,7 @@ def _one_trial(study, trial, plan: SearchPlan, records, status: SearchStatus, cl
     """Ask ``trial`` for a configuration and build it (True), or tell it the result of the
     same configuration built before (False)."""
     config = ask_config(trial, plan)
-    earlier = same_config(records, config)
+    earlier = same_config(records, config) or claim_config(study, trial, config, plan)
     if earlier is not None:
         tell_repeat(study, trial, config, plan, earlier)
         return False
