@@ -353,3 +353,12 @@ def test_a_fixed_override_is_no_longer_searched(tmp_path):
     prune = plan.candidates["prune-int8"].space
     assert "prune.channel_multiple" not in [dim.name for dim in prune.dimensions]
     assert prune.recipe["prune.channel_multiple"] == 16
+
+
+def test_int8_recipes_are_not_offered_to_a_backend_that_refuses_int8(tmp_path):
+    from edgec.search.study import plan_search
+
+    plan = plan_search(_request(tmp_path, recipes=("fp32", "int8", "prune-int8")))
+    assert "tvm" in plan.candidates["fp32"].backends  # local lists tvm; it compiles float
+    assert "tvm" not in plan.candidates["int8"].backends  # QDQ would run as fake-quant float
+    assert "tvm" not in plan.candidates["prune-int8"].backends

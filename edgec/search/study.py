@@ -49,6 +49,7 @@ CONSTRAINT = "accuracy_budget"  # held-out drop minus the budget's points: feasi
 # searched where they fit
 DEFAULT_RECIPES = ("fp32", "int8", "prune-int8", "mobile-int8", "prune-mobile-int8")
 BASELINES = ("fp32", "int8")  # enqueued first, with the recipes' own values, so they are plotted
+INT8_PASSES = ("quantize", "quantize_pt2e")  # their output is int8 (or int4/int8)
 CASCADE_PASSES = ("early_exit",)  # their models deploy as cascades: the build picks the backend
 AUTO_BACKEND = "auto"  # the backend choice of such recipes: whatever the build chooses
 STARTUP_TRIALS = 8  # random trials before TPE models the front (the baselines count)
@@ -314,7 +315,19 @@ def _backends(pipeline, target, only: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in target.backends
                  if (not only or name in only) and name in BACKENDS
                  and BACKENDS[name].consumes == produces and BACKENDS[name]().supports(target)
-                 is None)
+                 is None and _takes_precision(BACKENDS[name](), pipeline, produces))
+
+
+def _takes_precision(backend, pipeline, produces: str) -> bool:
+    """Whether ``backend`` takes what an int8 pipeline makes (TVM refuses int8 QDQ models: they
+    would run as float fake-quantisation); any backend takes a float pipeline's output."""
+    from edgec.artifact import Artifact
+
+    if not any(step.pass_.name in INT8_PASSES for step in pipeline.steps):
+        return True
+    accepts = getattr(backend, "accepts", None)
+    return accepts is None or accepts(Artifact(produces, None, extras={"precision": "int8"})) \
+        is None
 
 
 # ----- the study --------------------------------------------------------------------------
