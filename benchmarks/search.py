@@ -39,10 +39,12 @@ PLAIN_ORT_INT8 = "ONNX Runtime int8 u8/s8 per-channel"
 
 
 def pick_row(model_path: Path, study: str, storage: str | None, workdir: Path,
-             base_macs: float) -> Row:
-    """The study's pick as a row (its recipe, backend, overrides and budget; cached steps)."""
-    pick = load_pick(study, storage)
-    row = edgec_row(model_path, pick.recipe, workdir, base_macs, f"search pick (trial "
+             base_macs: float, trial: int | None = None) -> Row:
+    """The study's pick (or its trial ``trial``) as a row (its recipe, backend, overrides and
+    budget; cached steps)."""
+    pick = load_pick(study, storage, trial)
+    what = "search pick" if trial is None else "search trial"
+    row = edgec_row(model_path, pick.recipe, workdir, base_macs, f"{what} (trial "
                     f"{pick.trial}: {pick.recipe})", pick.overrides, target=pick.target,
                     backend=pick.backend, budget=pick.budget)
     row.note = "; ".join(f"{k}={v}" for k, v in pick.overrides.items()) or "recipe as written"
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--study", required=True, help="the `edgec search` study to compare")
     parser.add_argument("--storage", help="its storage URL (default: the search's default)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--also", type=int, action="append", default=[],
+                        help="another trial of the study to compare (repeatable)")
     args = parser.parse_args()
     config, model, macs, calibration, evaluation, test_npz = load_config_and_data(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,13 +68,16 @@ def main() -> None:
                 *ort_baselines(model, config, load_target("local"), calibration, evaluation,
                                workdir, macs),
                 edgec_row(args.model, "int8", workdir, macs),
+                *(pick_row(args.model, args.study, args.storage, workdir, macs, trial)
+                  for trial in args.also),
                 pick_row(args.model, args.study, args.storage, workdir, macs)]
         measure(rows, test_npz, len(evaluation), args.rounds)
     print_table(config.name, len(evaluation), rows)
     plain = next(r for r in rows if r.name == PLAIN_ORT_INT8)
-    print(f"\nsearch pick vs plain ONNX Runtime int8 (stream mean): "
-          f"{plain.stream_mean / rows[-1].stream_mean:.2f}x faster, top-1 "
-          f"{(rows[-1].top1 - plain.top1) * 100:+.2f} points")
+    for row in rows[rows.index(plain) + 1:]:
+        print(f"{row.name} vs plain ONNX Runtime int8 (stream mean): "
+              f"{plain.stream_mean / row.stream_mean:.2f}x faster, top-1 "
+              f"{(row.top1 - plain.top1) * 100:+.2f} points")
 
 
 if __name__ == "__main__":

@@ -850,8 +850,9 @@ def default_storage(study: str) -> str:
     return f"sqlite:///{Path('search') / study / f'{study}.db'}"
 
 
-def load_pick(study: str, storage: str | None = None) -> StudyPick:
-    """The pick of a finished search (SearchError when the study is missing or has none)."""
+def load_pick(study: str, storage: str | None = None, trial: int | None = None) -> StudyPick:
+    """The pick of a finished search, or its trial number ``trial`` (SearchError when the study
+    is missing or has no pick)."""
     import optuna
 
     storage = storage or default_storage(study)
@@ -866,7 +867,10 @@ def load_pick(study: str, storage: str | None = None) -> StudyPick:
     if not pick:
         raise SearchError(f"study {study!r} has no pick yet (no trial finished inside the "
                           f"budget); run `edgec search` on it again")
-    attrs = loaded.trials[pick["trial"]].user_attrs
+    number = pick["trial"] if trial is None else trial
+    if not 0 <= number < len(loaded.trials) or "recipe_ref" not in loaded.trials[number].user_attrs:
+        raise SearchError(f"study {study!r} has no built trial {number}")
+    attrs = loaded.trials[number].user_attrs
     backend = attrs["backend"] if attrs["backend"] != AUTO_BACKEND else None
-    return StudyPick(study, pick["trial"], attrs["recipe_ref"], backend, dict(attrs["overrides"]),
+    return StudyPick(study, number, attrs["recipe_ref"], backend, dict(attrs["overrides"]),
                      request.get("target", "local"), float(request.get("budget", 1.0)))
