@@ -180,6 +180,25 @@ def test_overlapping_finalists_are_remeasured_interleaved(searched):
     assert pick.number in (first.number, second.number)
 
 
+def test_finalists_within_the_drift_are_remeasured_together(searched):
+    """Three distinct artifacts whose means lie within 25 % of each other, each with a tight
+    interval of its own: all three are measured again, interleaved, and one of them wins."""
+    from edgec.search.pick import Remeasure, choose
+
+    outcome, _, _ = searched
+    distinct = list({r.attrs["manifest_hash"]: r for r in outcome.records
+                     if r.state == "complete" and "repeat_of" not in r.attrs}.values())
+    assert len(distinct) >= 3, "the 4-trial search built fewer than 3 distinct artifacts"
+    close = [replace(r, attrs={**r.attrs, "latency_mean_ms": 1.0 + 0.05 * i,
+                               "latency_ci95_ms": 0.001})
+             for i, r in enumerate(distinct[:3])]
+    spec = outcome.plan.request.measure
+    pick = choose(tuple(close), tuple(r.number for r in close), Remeasure("local", spec, 2))
+    assert pick.finalists == tuple(r.number for r in close)
+    assert len(pick.rounds) == 2 and all(len(r) == 3 and min(r) > 0 for r in pick.rounds)
+    assert pick.number in pick.finalists and "re-measured interleaved" in pick.decision
+
+
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     import optuna
 

@@ -4,12 +4,13 @@ The pick is the fastest feasible trial on the Pareto front whose drop, re-checke
 images the search did not choose on (the budget's re-check tail, :class:`edgec.budget.BudgetSpec`),
 is inside the budget too: a search that keeps the best of many configurations by their held-out
 drop favours those whose drop it underestimated. Boards are noisy, so when the 95 %
-intervals of the two fastest distinct artifacts on the front overlap, or their means are closer than the drift
-a board shows between measurement windows (DRIFT_FRACTION), both are measured again,
-interleaved (A B A B …, ``remeasure_rounds`` rounds through the device's own ``measure``), and the
-one with the lower median over all those samples wins if it is more than EQUAL_FRACTION faster
-and faster in most rounds; otherwise they are equal and the more accurate (held-out top-1), then
-the smaller, wins. What happened is kept in :class:`Pick` (and the study's ``pick`` attribute).
+intervals of the fastest and of the next distinct artifacts overlap, or their means are closer
+than the drift a board shows between measurement windows (DRIFT_FRACTION), the fastest and up to
+two such rivals are measured again, interleaved (A B C A B C …, ``remeasure_rounds`` rounds
+through the device's own ``measure``); the lowest median over all those samples wins if it is
+more than EQUAL_FRACTION ahead of the next and faster in most rounds; otherwise those equal to it
+are, and the more accurate (held-out top-1), then the smaller, wins. What happened is kept in
+:class:`Pick` (and the study's ``pick`` attribute).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from edgec.measure import MeasureSpec
 
 EQUAL_FRACTION = 0.02  # medians closer than 2 % of the faster one: the finalists are equal
 DRIFT_FRACTION = 0.25  # trials measured apart can differ this much on a busy machine: re-measure
+MAX_FINALISTS = 3  # the fastest and at most two rivals within the drift are re-measured
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,17 @@ def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
     if not ranked:
         return None
     first = ranked[0]
-    second = next((r for r in ranked[1:]
-                   if r.attrs["manifest_hash"] != first.attrs["manifest_hash"]), None)
-    if second is None:
+    distinct = list({r.attrs["manifest_hash"]: r for r in reversed(ranked)}.values())[::-1]
+    rivals = [r for r in distinct[1:] if overlap(first, r) or drift_may_explain(first, r)]
+    if len(distinct) == 1:
         return Pick(first, "the only distinct artifact on the feasible front that passed the "
                            "re-check" + refused)
-    if not overlap(first, second) and not drift_may_explain(first, second):
+    if not rivals:
+        second = distinct[1]
         return Pick(first, f"fastest on the feasible front: {_lat(first)} against "
                            f"trial {second.number}'s {_lat(second)} (intervals apart, "
                            f"{_gap(first, second):.0%} gap){refused}")
-    pick = _settle(first, second, again, progress)
+    pick = _settle((first, *rivals[:MAX_FINALISTS - 1]), again, progress)
     return replace(pick, decision=pick.decision + refused)
 
 
@@ -125,24 +128,25 @@ def _lat(record) -> str:
     return f"{record.latency_ms:.4g} ms ± {record.ci95_ms:.2g}"
 
 
-def _settle(first, second, again: Remeasure, progress) -> Pick:
-    """Re-measure two finalists interleaved and decide between them."""
-    finalists = (first, second)
+def _settle(finalists, again: Remeasure, progress) -> Pick:
+    """Re-measure the finalists (fastest first) interleaved and decide among them."""
     try:
         samples = remeasure(finalists, again, progress)
     except EdgecError as exc:
-        return Pick(first, f"intervals overlap with trial {second.number}, but re-measuring failed "
-                    f"({type(exc).__name__}: {exc}); kept the faster mean of the search")
+        others = ", ".join(str(r.number) for r in finalists[1:])
+        return Pick(finalists[0], f"too close to trial(s) {others} to tell apart, but "
+                    f"re-measuring failed ({type(exc).__name__}: {exc}); kept the faster mean "
+                    f"of the search")
     rounds = tuple(tuple(statistics.median(s) for s in per_round) for per_round in samples)
     medians = tuple(statistics.median([x for per_round in samples for x in per_round[i]])
-                    for i in range(2))
+                    for i in range(len(finalists)))
     winner, why = _decide(finalists, rounds, medians)
     numbers = tuple(r.number for r in finalists)
     return Pick(winner, why, numbers, rounds, medians)
 
 
 def remeasure(finalists, again: Remeasure, progress) -> list[list[tuple[float, ...]]]:
-    """Per round, each finalist's latency samples (ms), measured A B A B … on the device."""
+    """Per round, each finalist's latency samples (ms), measured A B C A B C … on the device."""
     from edgec.devices import open_device
 
     device = open_device(again.device)
@@ -162,18 +166,21 @@ def remeasure(finalists, again: Remeasure, progress) -> list[list[tuple[float, .
 
 
 def _decide(finalists, rounds, medians) -> tuple[Any, str]:
-    """(winner, why): the lower median when it is clearly and consistently lower, else the more
-    accurate, then the smaller."""
-    (a, b), (ma, mb) = finalists, medians
-    faster = 0 if ma <= mb else 1
-    gap = abs(ma - mb) / min(ma, mb)
-    wins = sum(r[faster] < r[1 - faster] for r in rounds)
-    told = (f"re-measured interleaved over {len(rounds)} rounds: trial {a.number} median "
-            f"{ma:.4g} ms, trial {b.number} {mb:.4g} ms ({gap:.1%} apart; the faster won "
-            f"{wins} of {len(rounds)} rounds)")
+    """(winner, why): the lowest median when it is clearly and consistently lower than the next,
+    else the more accurate, then the smaller, of those equal to it."""
+    order = sorted(range(len(finalists)), key=lambda i: medians[i])
+    best, runner = order[0], order[1]
+    gap = (medians[runner] - medians[best]) / medians[best]
+    wins = sum(r[best] < r[runner] for r in rounds)
+    each = ", ".join(f"trial {finalists[i].number} median {medians[i]:.4g} ms"
+                     for i in range(len(finalists)))
+    told = (f"re-measured interleaved over {len(rounds)} rounds: {each} (the fastest "
+            f"{gap:.1%} ahead of the next, faster in {wins} of {len(rounds)} rounds)")
     if gap > EQUAL_FRACTION and wins * 2 > len(rounds):
-        return finalists[faster], f"{told}: trial {finalists[faster].number} is faster"
-    winner = max(finalists, key=lambda r: (r.heldout_top1, -r.size_bytes))
+        return finalists[best], f"{told}: trial {finalists[best].number} is faster"
+    tied = [finalists[i] for i in order if medians[i] <= medians[best] * (1 + EQUAL_FRACTION)]
+    winner = max(tied if len(tied) > 1 else [finalists[best], finalists[runner]],
+                 key=lambda r: (r.heldout_top1, -r.size_bytes))
     return winner, (f"{told}: equal within {EQUAL_FRACTION:.0%}, so the more accurate (then "
                     f"smaller) trial {winner.number} ({winner.heldout_top1:.2f} % held-out, "
                     f"{winner.size_bytes / 1024:.1f} KiB)")
