@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from edgec.cli_cache import cache_app
 from edgec.cli_devices import devices_app, profile
+from edgec.cli_errors import fail
 from edgec.cli_latency import latency_app
 from edgec.cli_search import search, search_worker
 from edgec.cli_space import space
@@ -20,7 +20,6 @@ from edgec.errors import EdgecError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile a PyTorch model into a measured artifact for an edge device.")
 console = Console()
-errors = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -35,12 +34,6 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print the version and exit")):
     """Compile a PyTorch model into a measured artifact for an edge device."""
-
-
-def _fail(exc: EdgecError) -> None:
-    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
-                 highlight=False)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -94,7 +87,7 @@ def build(
             task = bar.add_task("building", total=None)
             result = run_build(request, lambda message: _progress(bar, task, message))
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     from edgec.report import report_notes
 
     console.print(_rows_table(result.rows, f"{result.manifest['name']} → {target}"))
@@ -163,7 +156,7 @@ def targets():
             also = f" (also {', '.join(t.aliases)})" if t.aliases else ""
             described.append(f"{name}{also}: {t.description}")
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(table)
     for line in described:
         console.print(line, highlight=False, markup=False)
@@ -196,7 +189,7 @@ def check(
     try:
         report = check_model(model, target)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(render_check(report), highlight=False, markup=False, soft_wrap=True)
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgec.cli_errors import fail, print_error
 from edgec.errors import EdgecError
 
 devices_app = typer.Typer(no_args_is_help=True,
@@ -22,16 +23,6 @@ DIR_OPTION = typer.Option(None, "--devices-dir", envvar="EDGEC_DEVICES_DIR",
                           help="inventory folder (default: ./devices)")
 ACCEPT_OPTION = typer.Option(False, "--accept-new-host-key",
                              help="record an unknown host key in known_hosts (never a changed one)")
-
-
-def _fail(exc: EdgecError) -> None:
-    _error(exc)
-    raise typer.Exit(2)
-
-
-def _error(exc: EdgecError) -> None:
-    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
-                 soft_wrap=True)
 
 
 @devices_app.command("add")
@@ -61,7 +52,7 @@ def add(
                          known_hosts=_local_path("known_hosts", known_hosts), tags=tuple(tag))
         path = save_device(config, devices_dir, overwrite=force)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"added {name} → {path}; check it with `edgec devices check {name}`")
 
 
@@ -102,7 +93,7 @@ def list_devices(devices_dir: Path = DIR_OPTION):
         table.add_row(d.name, d.target, d.login, d.workdir, ",".join(d.tags))
     console.print(table)
     for exc in bad:
-        _error(exc)
+        print_error(exc)
     if bad:
         raise typer.Exit(1)
 
@@ -121,7 +112,7 @@ def check(name: str, accept_new_host_key: bool = ACCEPT_OPTION, devices_dir: Pat
         with SSHDevice(config, accept_new_host_key=accept_new_host_key) as device:
             facts = device.facts(target.requirements)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{name} ({config.login})")
     table.add_column("fact")
     table.add_column("value")
@@ -161,7 +152,7 @@ def remove(name: str, devices_dir: Path = DIR_OPTION):
     try:
         path = remove_device(name, devices_dir)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"removed {path}")
 
 
@@ -194,7 +185,7 @@ def profile(
         path = ProfileDB(profiles).record(board.name, manifest, spec, measurement,
                                           profile_features(artifact, threads))
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{manifest['name']} on {board.name}")
     for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms (95 % CI)", "n", "peak RSS MB"):
         table.add_column(column, justify="right")

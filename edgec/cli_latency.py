@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgec.cli_errors import fail
 from edgec.errors import ConfigError, DataError, EdgecError
 
 latency_app = typer.Typer(no_args_is_help=True,
@@ -19,12 +20,6 @@ latency_app = typer.Typer(no_args_is_help=True,
 console = Console()
 errors = Console(stderr=True)
 MODELS_DIR = Path("latency")
-
-
-def _fail(exc: EdgecError) -> None:
-    errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
-                 soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def model_path(device: str) -> Path:
@@ -96,7 +91,7 @@ def fit_command(
         models = fit_device(device, profiles)
         save(path, models)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     for model in models:
         console.print(f"{model.key.describe()}: {model.samples} samples, {model.configurations} "
                       f"configurations", highlight=False, markup=False, soft_wrap=True)
@@ -124,7 +119,7 @@ def predict_command(
         chosen = select_model(models, device, features["backend"], threads, runtime, governor)
         latency_ms = chosen.predict(features, chosen.key)
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     loo = chosen.loo[chosen.chosen]
     console.print(f"{latency_ms:.4f} ms predicted mean latency of {artifact} on {device}",
                   highlight=False, markup=False, soft_wrap=True)
@@ -158,7 +153,7 @@ def sample_command(
         outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
                                                                    markup=False))
     except EdgecError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"measured {len(outcome.measured)} configuration(s), {len(outcome.skipped)} "
                   f"found in {profiles}/{device}, {len(outcome.unbuildable)} not buildable; fit "
                   f"with `edgec latency fit --device {device}`",

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from edgec.cli_errors import fail
 from edgec.errors import EdgecError
 
 console = Console()
@@ -84,9 +85,7 @@ def search(
             view=view, recheck=recheck, eval_count=eval_count)
         outcome = _run_live(request, lambda request, show: run_search(request, workers, show))
     except EdgecError as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
-                     highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     except KeyboardInterrupt:
         errors.print("interrupted: run the same command again to resume the study (finished "
                      "trials are kept; the interrupted one is queued again)", highlight=False)
@@ -123,9 +122,7 @@ def search_worker(
         outcome = _run_live(None, lambda _, show: join(study, storage, device, timeout, out,
                                                        show))
     except EdgecError as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
-                     highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     except KeyboardInterrupt:
         errors.print("interrupted: the running trial is queued again for the other workers",
                      highlight=False)

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgec.cli_errors import fail
 from edgec.errors import EdgecError
 
 console = Console()
@@ -29,9 +30,7 @@ def space(
         pipeline, board = load_recipe(recipe), load_target(target)
         result = pipeline_space(pipeline, board, recipe_search(recipe))
     except EdgecError as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}",
-                     highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     console.print(space_table(result, f"search space of {pipeline.name} for {board.name}"))
     for line in space_notes(result, [step.pass_.name for step in pipeline.steps]):
         console.print(line, highlight=False, markup=False)
