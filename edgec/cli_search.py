@@ -55,6 +55,11 @@ def search(
     data: Path = typer.Option(None, help="data TOML (default: the model TOML's `data`)"),
     eval_count: int = typer.Option(0, help="test images --device evaluates per trial (0: all; "
                                            "for slow or emulated boards)"),
+    screen: float = typer.Option(0.2, help="share of a recipe's fine-tune epochs a trial is "
+                                           "screened with (successive halving; 1: every trial "
+                                           "fine-tuned in full)"),
+    promote: int = typer.Option(1, help="screened trials rebuilt with the full fine-tune at the "
+                                        "end: the fastest inside the budget that could win"),
     out: Path = typer.Option(None, help="folder of the report, the study's SQLite file and the "
                                         "artifacts (default: search/STUDY)"),
     repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
@@ -82,7 +87,7 @@ def search(
             tuple(backend or ()),
             {**parse_overrides(set_ or []), **({"budget.holdout": holdout} if holdout else {})},
             MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data,
-            view=view, recheck=recheck, eval_count=eval_count)
+            view=view, recheck=recheck, eval_count=eval_count, screen=screen, promote=promote)
         outcome = _run_live(request, lambda request, show: run_search(request, workers, show))
     except EdgecError as exc:
         fail(exc)
@@ -168,9 +173,10 @@ def trial_line(record) -> str:
     """'trial 4 complete: int8 on onnxruntime, 0.018 ms ± 0.001, held-out 98.80 %, 11.5 KiB'."""
     from edgec.search.study import describe
 
-    if record.state == "complete":
+    if record.measured:
         text = describe(record).partition(": ")[2]
-        return f"trial {record.number} complete{'' if record.feasible else ' (infeasible)'}: {text}"
+        infeasible = "" if record.within_budget else " (infeasible)"
+        return f"trial {record.number} {record.state}{infeasible}: {text}"
     return f"trial {record.number} {record.state}: {record.label()}: {record.attrs.get('error', '')}"
 
 

@@ -397,3 +397,42 @@ def test_int8_recipes_are_not_offered_to_a_backend_that_refuses_int8(tmp_path):
     assert "tvm" in plan.candidates["fp32"].backends  # local lists tvm; it compiles float
     assert "tvm" not in plan.candidates["int8"].backends  # QDQ would run as fake-quant float
     assert "tvm" not in plan.candidates["prune-int8"].backends
+
+
+def _finetune_epochs(record) -> float:
+    manifest = json.loads((Path(record.attrs["artifact"]) / "manifest.json").read_text())
+    return next(step["params"]["finetune_epochs"] for step in manifest["lineage"]
+                if step["pass"] == "prune")
+
+
+def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_picked(
+        tmp_path, monkeypatch):
+    """Successive halving over fine-tune epochs: trials of a recipe that fine-tunes are built
+    with a share of its epochs, never picked; the fastest inside the budget is rebuilt in full
+    at the end, once (a resumed study does not promote it again)."""
+    from edgec.search.study import run_search
+
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    # digits' CNN survives pruning only lightly cut, on plain images, with a wide budget
+    overrides = {**HOLDOUT, "prune.finetune_augment": "", "prune.ratios": [0.1, 0.2],
+                 "prune.budget_points": 4.0}
+    request = _request(tmp_path / "out", recipes=("prune-int8",), backends=("onnxruntime",),
+                       trials=2, screen=0.4, promote=1, study="halving", budget=5.0,
+                       overrides=overrides)
+    outcome = run_search(request)
+    screened = [r for r in outcome.records if r.counts and r.fidelity == 0.4]
+    assert len(screened) == 2 and all(r.screened for r in screened)
+    measured = [r for r in screened if r.measured]
+    assert measured and {r.state for r in measured} == {"screened"}
+    assert {_finetune_epochs(r) for r in measured} == {2.0}  # 0.4 of the recipe's 5
+    assert not any(r.feasible for r in screened)  # never on the front, never picked
+    promoted = [r for r in outcome.records if "promoted_from" in r.attrs]
+    fastest = min((r for r in measured if r.within_budget), key=lambda r: r.latency_ms)
+    assert len(promoted) == 1 and promoted[0].attrs["promoted_from"] == fastest.number
+    assert promoted[0].overrides == fastest.overrides and promoted[0].fidelity == 1.0
+    assert promoted[0].number in outcome.new_trials and promoted[0].state == "complete"
+    assert _finetune_epochs(promoted[0]) == 5.0
+    assert outcome.pick is not None and outcome.pick.number == promoted[0].number
+    assert "screened" in (outcome.plan.out / "report.md").read_text()
+    again = run_search(request)
+    assert again.new_trials == () and len(again.records) == len(outcome.records)

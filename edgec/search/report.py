@@ -19,8 +19,9 @@ TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check d
                  "test top-1 %",
                  "latency ms (mean ± CI95)", "p50 ms", "size KiB", "cache", "s", "status")
 COLOURS = {"trial": "#9a9a9a", "infeasible": "#d62728", "front": "#1f77b4", "pick": "#ff9f1c",
-           "baseline": "#2ca02c"}
+           "baseline": "#2ca02c", "screened": "#c5b0d5"}
 LEGEND = {"trial": "feasible, dominated", "infeasible": "over the budget",
+          "screened": "screened (short fine-tune; never picked)",
           "front": "Pareto front (latency, top-1, size)"}
 
 
@@ -45,7 +46,7 @@ def pareto_chart(outcome) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    done = [r for r in outcome.records if r.state == "complete" and r.counts]
+    done = [r for r in outcome.records if r.measured and r.counts]
     figure, axes = plt.subplots(figsize=(8.5, 5.5))
     if done:
         _plot_trials(axes, done, outcome)
@@ -67,8 +68,8 @@ def pareto_chart(outcome) -> bytes:
 def _plot_trials(axes, done, outcome) -> None:
     labelled = set()
     for record in done:
-        kind = ("front" if record.number in outcome.front else "trial") if record.feasible \
-            else "infeasible"
+        kind = "screened" if record.screened else ("front" if record.number in outcome.front
+                                                   else "trial") if record.feasible else "infeasible"
         label = None if kind in labelled else LEGEND[kind]
         labelled.add(kind)
         axes.errorbar(record.latency_ms, record.heldout_top1, xerr=record.ci95_ms, fmt="o",
@@ -114,7 +115,7 @@ def _row(record, outcome) -> tuple[str, ...]:
         status = "interrupted: its process stopped (killed?); queued again"
     if "retry_of" in record.attrs:
         status += f" (runs trial {record.attrs['retry_of']} again)"
-    if record.state != "complete" or "repeat_of" in record.attrs:
+    if not record.measured or "repeat_of" in record.attrs:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
                 "-", _seconds(record), status)
     test, again = record.attrs.get("test_top1"), record.attrs.get("recheck_drop")

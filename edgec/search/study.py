@@ -19,6 +19,7 @@ same ``study`` and ``storage`` resume it, and trials already finished are not ru
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 import traceback
@@ -50,11 +51,18 @@ CONSTRAINT = "accuracy_budget"  # held-out drop minus the budget's points: feasi
 DEFAULT_RECIPES = ("fp32", "int8", "prune-int8", "mobile-int8", "prune-mobile-int8")
 BASELINES = ("fp32", "int8")  # enqueued first, with the recipes' own values, so they are plotted
 INT8_PASSES = ("quantize", "quantize_pt2e")  # their output is int8 (or int4/int8)
+SCREENABLE = ("prune",)  # passes whose fine-tune a screened trial shortens
 CASCADE_PASSES = ("early_exit",)  # their models deploy as cascades: the build picks the backend
 AUTO_BACKEND = "auto"  # the backend choice of such recipes: whatever the build chooses
 STARTUP_TRIALS = 8  # random trials before TPE models the front (the baselines count)
 MAX_REPEATS = 20  # the sampler asked this many built configurations in a row: stop
 RECIPE_PARAM = "recipe"
+# Successive halving over fine-tune epochs: a trial whose recipe fine-tunes is screened with a
+# fifth of its epochs (ResNet-20's prune step: 1 epoch instead of 5); only the fastest screened
+# configurations that could beat every fully built one get the full fine-tune, at the end.
+SCREEN_FRACTION = 0.2
+PROMOTE = 1
+FINETUNE_PARAM = "finetune_epochs"
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class SearchRequest:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a dead trial's process: noticed
     recheck: int | None = None  # images to re-check the pick on (None: as many as held out)
     eval_count: int = 0  # test images the device evaluates per trial (0: all; for slow boards)
+    screen: float = SCREEN_FRACTION  # share of the fine-tune epochs a trial is screened with
+    promote: int = PROMOTE  # screened trials rebuilt with the full fine-tune at the end
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class Candidate:
     space: Space
     backends: tuple[str, ...]
     passes: tuple[str, ...]
+    finetunes: dict[str, float] = field(default_factory=dict)  # pass -> its fine-tune epochs
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class TrialConfig:
     backend: str
     overrides: dict[str, Any]
     baseline: bool = False
+    fidelity: float = 1.0  # the share of its fine-tune epochs it is built with (1: all)
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,25 @@ class TrialRecord:
         return bool(self.attrs.get("baseline"))
 
     @property
+    def fidelity(self) -> float:
+        return float(self.attrs.get("fidelity", 1.0))
+
+    @property
+    def screened(self) -> bool:
+        """Built with a share of its fine-tune (see ``SCREEN_FRACTION``): never picked."""
+        return self.fidelity < 1.0
+
+    @property
+    def measured(self) -> bool:
+        """Built and measured: complete, or screened."""
+        return self.state in ("complete", "screened")
+
+    @property
+    def within_budget(self) -> bool:
+        """Its held-out drop is inside the budget (a screened trial's too)."""
+        return self.measured and self.attrs["heldout_drop"] <= self.attrs["budget_points"] + 1e-9
+
+    @property
     def latency_ms(self) -> float:
         return self.attrs["latency_mean_ms"]
 
@@ -176,7 +207,8 @@ class TrialRecord:
         """'int8 on onnxruntime (quantize.mode=mixed)'; floats to 4 significant digits."""
         changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in self.overrides.items() if not k.startswith("budget."))
-        return f"{self.recipe} on {self.backend}" + (f" ({changes})" if changes else "")
+        screened = f" [screened: {self.fidelity:g} of the fine-tune]" if self.screened else ""
+        return f"{self.recipe} on {self.backend}" + (f" ({changes})" if changes else "") + screened
 
 
 @dataclass(frozen=True)
@@ -215,6 +247,10 @@ def plan_search(request: SearchRequest) -> SearchPlan:
 
     if request.trials < 1:
         raise SearchError(f"--trials {request.trials}: a search needs at least 1 trial")
+    if not 0 < request.screen <= 1 or request.promote < 0:
+        raise SearchError(f"--screen {request.screen:g} / --promote {request.promote}: give a "
+                          f"share of the fine-tune in (0, 1] (1: no screening) and 0 or more "
+                          f"promotions")
     config, target = load_model_config(request.model), load_target(request.target)
     unknown = [name for name in request.backends if name not in target.backends]
     if unknown:
@@ -300,8 +336,11 @@ def _candidate(recipe: str, target, only: tuple[str, ...],
                       f"{pipeline.steps[-1].pass_.produces!r} output")
     space = pipeline_space(pipeline, target, recipe_search(recipe)).fixing(fixed)
     candidate = Candidate(pipeline.name, str(recipe), space, backends, passes)
-    pipeline.with_overrides(fixed_overrides(fixed, candidate))  # a bad one fails here, once
-    return candidate, ""
+    fixed_pipeline = pipeline.with_overrides(fixed_overrides(fixed, candidate))  # bad: fails once
+    finetunes = {step.pass_.name: float(getattr(step.params, FINETUNE_PARAM))
+                 for step in fixed_pipeline.steps
+                 if getattr(step.params, FINETUNE_PARAM, 0) and step.pass_.name in SCREENABLE}
+    return replace(candidate, finetunes=finetunes), ""
 
 
 def _backends(pipeline, target, only: tuple[str, ...]) -> tuple[str, ...]:
@@ -384,13 +423,17 @@ def _check_recipes(study, plan: SearchPlan) -> None:
 
 
 def enqueue_config(study, candidate: Candidate, backend: str,
-                   overrides: Mapping[str, Any] | None = None) -> None:
+                   overrides: Mapping[str, Any] | None = None,
+                   attrs: Mapping[str, Any] | None = None) -> None:
     """Queue a configuration to be tried next (skipped when the study holds it already);
-    without ``overrides`` it is the recipe as written, a baseline."""
+    without ``overrides`` it is the recipe as written, a baseline (built in full)."""
     params = {RECIPE_PARAM: candidate.name, f"{candidate.name}/backend": backend}
     params.update({f"{candidate.name}/{key}": value for key, value in (overrides or {}).items()})
-    attrs = {"baseline": True} if overrides is None else None
-    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+    attrs = {**({"baseline": True, "fidelity": 1.0} if overrides is None else {}),
+             **(attrs or {})}
+    # a promotion repeats its screened trial's parameters: only its attributes differ
+    study.enqueue_trial(params, user_attrs=attrs or None,
+                        skip_if_exists="promoted_from" not in attrs)
 
 
 class _Prefixed:
@@ -418,8 +461,20 @@ def ask_config(trial, plan: SearchPlan) -> TrialConfig:
     backend = trial.suggest_categorical(f"{name}/backend", list(candidate.backends))
     baseline = bool(trial.user_attrs.get("baseline"))
     point = {} if baseline else candidate.space.suggest(_Prefixed(trial, f"{name}/"))
+    screen = plan.request.screen if candidate.finetunes else 1.0
     return TrialConfig(name, backend, {**fixed_overrides(plan.fixed, candidate), **point},
-                       baseline)
+                       baseline, float(trial.user_attrs.get("fidelity", min(1.0, screen))))
+
+
+def built_overrides(plan: SearchPlan, config: TrialConfig) -> dict[str, Any]:
+    """The overrides the build gets: the configuration's, with the fine-tune epochs of a
+    screened one cut to its fidelity."""
+    overrides = dict(config.overrides)
+    if config.fidelity < 1.0:
+        for pass_name, epochs in plan.candidates[config.recipe].finetunes.items():
+            key = f"{pass_name}.{FINETUNE_PARAM}"
+            overrides[key] = round(float(overrides.get(key, epochs)) * config.fidelity, 6)
+    return overrides
 
 
 def fixed_overrides(fixed: Mapping[str, Any], candidate: Candidate) -> dict[str, Any]:
@@ -441,7 +496,7 @@ def build_request(plan: SearchPlan, config: TrialConfig):
     return BuildRequest(request.model, request.target, plan.candidates[config.recipe].recipe,
                         request.data, plan.build_root, request.measure, device=request.device,
                         backend=None if config.backend == AUTO_BACKEND else config.backend,
-                        overrides=dict(config.overrides), budget=request.budget,
+                        overrides=built_overrides(plan, config), budget=request.budget,
                         eval_count=request.eval_count, evaluate=False)  # the pick's: at the end
 
 
@@ -460,7 +515,7 @@ def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
         values, drop = _objectives(trial, result)
         trial.set_constraint(CONSTRAINT, drop - result.manifest["budget"]["points"])
         trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
-        trial.set_user_attr("status", "complete")
+        trial.set_user_attr("status", "screened" if config.fidelity < 1 else "complete")
         study.tell(trial, values)
     except BudgetError as exc:
         _fail(study, trial, started, "over budget", f"{type(exc).__name__}: {exc}")
@@ -507,7 +562,7 @@ def tell_repeat(study, trial, config: TrialConfig, plan: SearchPlan,
               if k not in ("seconds", "baseline", "phases_s")}
     _set_attrs(trial, {**copied, **_config_attrs(plan, config), "repeat_of": earlier.number,
                        "seconds": 0.0})
-    if earlier.state != "complete":
+    if not earlier.measured:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
     trial.set_constraint(CONSTRAINT, earlier.attrs["heldout_drop"] - earlier.attrs["budget_points"])
@@ -516,8 +571,12 @@ def tell_repeat(study, trial, config: TrialConfig, plan: SearchPlan,
 
 def same_config(records: tuple[TrialRecord, ...], config: TrialConfig) -> TrialRecord | None:
     """The first finished, built trial of the same recipe, backend and overrides, if any."""
-    return next((r for r in records if r.counts and r.recipe == config.recipe
-                 and r.backend == config.backend and r.overrides == config.overrides), None)
+    return next((r for r in records if r.counts and _same(r, config)), None)
+
+
+def _same(record: TrialRecord, config: TrialConfig) -> bool:
+    return (record.recipe == config.recipe and record.backend == config.backend
+            and record.overrides == config.overrides and record.fidelity == config.fidelity)
 
 
 def claim_config(study, trial, config: TrialConfig, plan: SearchPlan) -> TrialRecord | None:
@@ -531,8 +590,7 @@ def claim_config(study, trial, config: TrialConfig, plan: SearchPlan) -> TrialRe
             records = trial_records(study)
             earlier = same_config(records, config)
             running = next((r for r in records if r.state == "running" and r.number != trial.number
-                            and r.recipe == config.recipe and r.backend == config.backend
-                            and r.overrides == config.overrides), None)
+                            and _same(r, config)), None)
             if earlier is None and running is None:
                 _set_attrs(trial, {**_config_attrs(plan, config),
                                    **({"waits_for": None} if waited else {})})
@@ -553,7 +611,7 @@ def _set_attrs(trial, attrs: dict[str, Any]) -> None:
 def _config_attrs(plan: SearchPlan, config: TrialConfig) -> dict[str, Any]:
     return {"recipe": config.recipe, "recipe_ref": plan.candidates[config.recipe].recipe,
             "backend": config.backend, "overrides": config.overrides,
-            "baseline": config.baseline}
+            "baseline": config.baseline, "fidelity": config.fidelity}
 
 
 def _objectives(trial, result) -> tuple[tuple[float, float, int], float]:
@@ -611,8 +669,10 @@ def interrupted(study, trial, started: float) -> None:
     except RuntimeError:  # it had been told already: nothing to try again
         return
     if trial.params:
-        baseline = {"baseline": True} if trial.user_attrs.get("baseline") else None
-        study.enqueue_trial(dict(trial.params), user_attrs=baseline)
+        kept = {key: trial.user_attrs[key] for key in ("baseline", "fidelity", "promoted_from")
+                if key in trial.user_attrs and (key != "fidelity" or "promoted_from"
+                                                in trial.user_attrs)}
+        study.enqueue_trial(dict(trial.params), user_attrs=kept or None)
 
 
 # ----- reading the study back -------------------------------------------------------------
@@ -645,6 +705,22 @@ def finished(records: tuple[TrialRecord, ...]) -> int:
     """Trials that count towards ``trials``: built (complete or failed), not interrupted, not
     repeats of an earlier configuration."""
     return sum(r.counts for r in records)
+
+
+def front_numbers(records: tuple[TrialRecord, ...]) -> tuple[int, ...]:
+    """The Pareto front (``DIRECTIONS``) of the fully built trials, as Optuna's ``best_trials``
+    holds it (the feasible ones when any is): screened trials neither join nor hide it."""
+    built = [r for r in records if r.state == "complete" and r.values
+             and "repeat_of" not in r.attrs]
+    pool = [r for r in built if r.feasible] or built
+    signs = [1 if direction == "minimize" else -1 for direction in DIRECTIONS]
+    keys = {r.number: tuple(sign * value for sign, value in zip(signs, r.values)) for r in pool}
+
+    def dominated(key) -> bool:
+        return any(other != key and all(o <= k for o, k in zip(other, key))
+                   for other in keys.values())
+
+    return tuple(number for number, key in keys.items() if not dominated(key))
 
 
 def best_so_far(records: tuple[TrialRecord, ...]) -> TrialRecord | None:
@@ -689,7 +765,7 @@ def conclude(study, plan: SearchPlan, records: tuple[TrialRecord, ...], status: 
     from edgec.search.report import write_report
 
     request = plan.request
-    front = tuple(t.number for t in study.best_trials)
+    front = front_numbers(records)
     again = Remeasure(request.device, request.measure, request.remeasure_rounds)
     pick = choose(records, front, again,
                   lambda message: on_status(replace(status, step=message, finished=None)))
@@ -746,7 +822,61 @@ def _run_trials(study, plan: SearchPlan, on_status):
                              front=front_lines(records),
                              finished=next(r for r in records if r.number == trial.number))
             on_status(status)
-    return records, status, new, _stop_reason(status, request, repeats, clock)
+    stopped = _stop_reason(status, request, repeats, clock)
+    promoted = promote(study, plan, status, on_status)
+    return trial_records(study), status, new + promoted, stopped
+
+
+def promote(study, plan: SearchPlan, status: SearchStatus,
+            on_status: Callable[[SearchStatus], None] = lambda status: None) -> list[int]:
+    """Successive halving's last rung: rebuild with the full fine-tune the fastest screened
+    trials inside the budget that could beat every fully built feasible one (within the drift a
+    board shows, :data:`edgec.search.pick.DRIFT_FRACTION`), at most ``request.promote`` of them
+    in the study; (the trials built). They run as enqueued trials (``promoted_from``), so a
+    killed search resumes them."""
+    clock, new = _Clock(time.monotonic(), None), []
+    while (chosen := next_promotion(trial_records(study), plan)) is not None:
+        screened, config = chosen
+        candidate = plan.candidates[config.recipe]
+        point = {key: value for key, value in config.overrides.items()
+                 if key not in fixed_overrides(plan.fixed, candidate)}
+        enqueue_config(study, candidate, config.backend, point,
+                       {"fidelity": 1.0, "promoted_from": screened.number,
+                        **({"baseline": True} if config.baseline else {})})
+        trial = ask(study)
+        status = replace(status, step=f"promoting trial {screened.number}: the full fine-tune")
+        try:
+            with beating(study, trial, plan.request.heartbeat.interval_s):
+                built = _one_trial(study, trial, plan, trial_records(study), status, clock,
+                                   on_status)
+        except KeyboardInterrupt:
+            interrupted(study, trial, time.monotonic())
+            raise
+        if built:
+            new.append(trial.number)
+    return new
+
+
+def next_promotion(records: tuple[TrialRecord, ...], plan: SearchPlan
+                   ) -> tuple[TrialRecord, TrialConfig] | None:
+    """(the screened trial to promote next, its full configuration), or None."""
+    from edgec.search.pick import DRIFT_FRACTION
+
+    tried = {r.attrs["promoted_from"] for r in records if "promoted_from" in r.attrs}
+    if len(tried) >= plan.request.promote:
+        return None
+    best = best_so_far(records)
+    bar = math.inf if best is None else best.latency_ms * (1 + DRIFT_FRACTION)
+    for record in sorted((r for r in records if r.state == "screened" and r.counts
+                          and r.within_budget and r.number not in tried),
+                         key=lambda r: r.latency_ms):
+        if record.latency_ms >= bar:
+            return None
+        config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
+                             record.baseline, 1.0)
+        if same_config(records, config) is None:
+            return record, config
+    return None
 
 
 def _one_trial(study, trial, plan: SearchPlan, records, status: SearchStatus, clock,

@@ -51,9 +51,11 @@ from edgec.search.study import (
     describe,
     finished,
     front_lines,
+    front_numbers,
     interrupted,
     open_study,
     plan_search,
+    promote,
     run_search,
     trial_records,
 )
@@ -100,6 +102,7 @@ def search(request: SearchRequest, workers: int = 1,
     else:
         new, stopped = _run_processes(study, plan, workers, on_status)
     status = _status(trial_records(study), request, 0.0)
+    new = (*new, *promote(study, plan, status, on_status))
     records = front_here(study, plan, lambda message: on_status(replace(status, step=message)))
     return conclude(study, plan, records, status, new, stopped, on_status)
 
@@ -111,7 +114,7 @@ def front_here(study, plan: SearchPlan, progress: Callable[[str], None]
     built here again (same inputs, same artifact; this machine's cache serves what it can)."""
     from edgec.build import build
 
-    front = {trial.number for trial in study.best_trials}
+    front = set(front_numbers(trial_records(study)))
     records, built = [], {}
     for record in trial_records(study):
         artifact = record.attrs.get("artifact")
@@ -119,7 +122,8 @@ def front_here(study, plan: SearchPlan, progress: Callable[[str], None]
             if artifact not in built:
                 progress(f"building trial {record.number} here: its artifact is on "
                          f"{record.attrs.get('worker', 'another machine')}")
-                config = TrialConfig(record.recipe, record.backend, dict(record.overrides))
+                config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
+                                     fidelity=record.fidelity)
                 built[artifact] = str(build(build_request(plan, config), progress).directory)
             record = replace(record, attrs={**record.attrs, "artifact": built[artifact]})
         records.append(record)
