@@ -409,7 +409,7 @@ def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_pick
         tmp_path, monkeypatch):
     """Successive halving over fine-tune epochs: trials of a recipe that fine-tunes are built
     with a share of its epochs, never picked; the fastest inside the budget is rebuilt in full
-    at the end, once (a resumed study does not promote it again)."""
+    at the end, once, as the last of ``trials`` (a resumed study does not promote it again)."""
     from edgec.search.study import run_search
 
     monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
@@ -417,7 +417,7 @@ def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_pick
     overrides = {**HOLDOUT, "prune.finetune_augment": "", "prune.ratios": [0.1, 0.2],
                  "prune.budget_points": 4.0}
     request = _request(tmp_path / "out", recipes=("prune-int8",), backends=("onnxruntime",),
-                       trials=2, screen=0.4, promote=1, study="halving", budget=5.0,
+                       trials=3, screen=0.4, promote=1, study="halving", budget=5.0,
                        overrides=overrides)
     outcome = run_search(request)
     screened = [r for r in outcome.records if r.counts and r.fidelity == 0.4]
@@ -432,6 +432,7 @@ def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_pick
     assert promoted[0].overrides == fastest.overrides and promoted[0].fidelity == 1.0
     assert promoted[0].number in outcome.new_trials and promoted[0].state == "complete"
     assert _finetune_epochs(promoted[0]) == 5.0
+    assert sum(r.counts for r in outcome.records) == 3  # --trials counts the promotion
     assert outcome.pick is not None and outcome.pick.number == promoted[0].number
     assert "screened" in (outcome.plan.out / "report.md").read_text()
     again = run_search(request)

@@ -56,6 +56,7 @@ from edgec.search.study import (
     open_study,
     plan_search,
     promote,
+    promotion_slots,
     run_search,
     trial_records,
 )
@@ -167,8 +168,9 @@ def _run_processes(study, plan: SearchPlan, count: int, on_status) -> tuple[tupl
     records = trial_records(study)
     new = tuple(r.number for r in records if r.counts and r.number not in before)
     done = finished(records)
-    if done >= request.trials:
-        return new, f"the study holds {done} built trials ({request.trials} asked), {count} workers"
+    if done >= request.trials - promotion_slots(plan, records):
+        return new, f"the study holds {done} built trials ({request.trials} asked, promotions "\
+                    f"included), {count} workers"
     codes = ", ".join(str(process.returncode) for process in processes)
     reasons = {line for number in range(1, count + 1)
                for line in _tail(logs / f"worker-{number}.log") if line.startswith("stopped: ")}
@@ -229,8 +231,9 @@ def work(study, plan: SearchPlan,
         with claim_lock(study):  # counting and asking at once: two workers never overshoot
             records = trial_records(study)
             status = _status(records, request, clock.elapsed())
-            waiting = status.done + _in_flight(records) >= request.trials
-            stop = status.done >= request.trials or clock.out() or repeats >= MAX_REPEATS
+            target = request.trials - promotion_slots(plan, records)  # the coordinator's
+            waiting = status.done + _in_flight(records) >= target
+            stop = status.done >= target or clock.out() or repeats >= MAX_REPEATS
             trial = None if stop or waiting else ask(study)
         if stop:
             return tuple(new), _stop_reason(status, request, repeats, clock)
