@@ -18,6 +18,7 @@ from edgec.search.pick import feasible_front
 TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check drop",
                  "test top-1 %",
                  "latency ms (mean ± CI95)", "p50 ms", "size KiB", "cache", "s", "status")
+LOG_SPREAD = 20  # the slowest trial this many times the fastest: latency on a log axis
 COLOURS = {"trial": "#9a9a9a", "infeasible": "#d62728", "front": "#1f77b4", "pick": "#ff9f1c",
            "baseline": "#2ca02c", "screened": "#c5b0d5"}
 LEGEND = {"trial": "feasible, dominated", "infeasible": "over the budget",
@@ -55,7 +56,12 @@ def pareto_chart(outcome) -> bytes:
                   transform=axes.transAxes)
     failed = sum(r.state in ("failed", "over budget") and r.counts for r in outcome.records)
     axes.set_title(f"{outcome.plan.study_name}: {len(done)} trials completed, {failed} failed")
-    axes.set_xlabel(f"latency on {outcome.plan.request.device} (mean ms, ± 95 % CI)")
+    latencies = [r.latency_ms for r in done]
+    wide = bool(latencies) and max(latencies) > LOG_SPREAD * min(latencies)
+    if wide:  # an untuned TVM build at 30 ms would squeeze every int8 trial into one column
+        axes.set_xscale("log")
+    axes.set_xlabel(f"latency on {outcome.plan.request.device} (mean ms, ± 95 % CI"
+                    f"{', log scale' if wide else ''})")
     axes.set_ylabel("top-1 on the held-out training slice (%)")
     axes.grid(alpha=0.3)
     figure.tight_layout()
