@@ -814,7 +814,8 @@ def test_top1(plan: SearchPlan, record: TrialRecord,
 def _run_trials(study, plan: SearchPlan, on_status):
     """The trial loop, the promotions, and the loop again if a promotion slot went unused:
     (records, last status, numbers of the trials built, why it stopped). Promotions count
-    towards ``trials``: ``--trials 24`` builds 24 configurations, promotions included."""
+    towards ``trials``: ``--trials 24`` builds 24 configurations, promotions included; one
+    more when nothing could be promoted at the 23rd but a later trial can be."""
     request = plan.request
     clock = _Clock(time.monotonic(), request.timeout_s)
     records = trial_records(study)
@@ -828,6 +829,8 @@ def _run_trials(study, plan: SearchPlan, on_status):
     status = replace(status, done=finished(trial_records(study)))
     if status.done < request.trials and repeats < MAX_REPEATS:
         status, repeats = _trial_loop(study, plan, request.trials, clock, status, new, on_status)
+        # a slot left unused, and a trial since then worth promoting: it is promoted all the same
+        new += promote(study, plan, status, on_status)
     return trial_records(study), status, new, _stop_reason(status, request, repeats, clock)
 
 

@@ -115,20 +115,21 @@ def front_here(study, plan: SearchPlan, progress: Callable[[str], None]
     built here again (same inputs, same artifact; this machine's cache serves what it can)."""
     from edgec.build import build
 
-    front = set(front_numbers(trial_records(study)))
-    records, built = [], {}
-    for record in trial_records(study):
+    records = trial_records(study)
+    front = set(front_numbers(records))
+    built: dict[str, str] = {}  # artifact folder gone here -> the folder built here
+    for record in records:
         artifact = record.attrs.get("artifact")
-        if record.number in front and artifact and not Path(artifact).is_dir():
-            if artifact not in built:
-                progress(f"building trial {record.number} here: its artifact is on "
-                         f"{record.attrs.get('worker', 'another machine')}")
-                config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
-                                     fidelity=record.fidelity)
-                built[artifact] = str(build(build_request(plan, config), progress).directory)
-            record = replace(record, attrs={**record.attrs, "artifact": built[artifact]})
-        records.append(record)
-    return tuple(records)
+        if record.number in front and artifact and artifact not in built \
+                and not Path(artifact).is_dir():
+            progress(f"building trial {record.number} here: its artifact is on "
+                     f"{record.attrs.get('worker', 'another machine')}")
+            config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
+                                 fidelity=record.fidelity)
+            built[artifact] = str(build(build_request(plan, config), progress).directory)
+    # every record of that artifact (repeats, equal configurations) points at the new folder
+    return tuple(replace(r, attrs={**r.attrs, "artifact": built[r.attrs["artifact"]]})
+                 if r.attrs.get("artifact") in built else r for r in records)
 
 
 def _run_processes(study, plan: SearchPlan, count: int, on_status) -> tuple[tuple[int, ...], str]:
