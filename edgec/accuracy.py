@@ -30,7 +30,8 @@ def view_top1(model, dataset: Dataset, spec, view: str = "plain", seed: int = 0)
 
         from edgec.forward import batch_forward
 
-        forward = batch_forward(model, torch.from_numpy(preprocess(dataset.images[:8], spec)))
+        forward = batch_forward(model, torch.from_numpy(preprocess(dataset.images[:8], spec)),
+                                spec)
     return float(np.mean([top1(torch_logits(model, dataset, spec, view=view, seed=seed + 1000 * k,
                                             forward=forward),
                                dataset.labels) for k in range(draws)]))

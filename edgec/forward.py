@@ -14,7 +14,6 @@ that does not export, has several outputs or disagrees runs eagerly, as before.
 from __future__ import annotations
 
 import contextlib
-import io
 import warnings
 from collections.abc import Callable
 
@@ -26,10 +25,10 @@ THREADS = 2
 LOWERED_BATCH = 100  # the XNNPACK program's fixed batch; the last batch is padded
 
 
-def batch_forward(model, probe) -> Forward:
+def batch_forward(model, probe, input_spec) -> Forward:
     """The fastest faithful forward of ``model`` for batches shaped like ``probe`` (a torch
-    tensor, N >= 1): XNNPACK for a PT2E-quantized graph, ONNX Runtime for a float module, eager
-    PyTorch where neither applies or agrees with eager on ``probe``."""
+    tensor, N >= 1, of ``input_spec``'s shape): XNNPACK for a PT2E-quantized graph, ONNX Runtime
+    for a float module, eager PyTorch where neither applies or agrees with eager on ``probe``."""
     import torch
 
     eager = _eager(model)
@@ -39,7 +38,7 @@ def batch_forward(model, probe) -> Forward:
         return eager
     for make in (_xnnpack, _onnxruntime):
         with contextlib.suppress(Exception):
-            fast = make(model, probe)
+            fast = make(model, probe, input_spec)
             if fast is not None and _agrees(fast(probe[:PROBE]), expected):
                 return fast
     return eager
@@ -70,46 +69,47 @@ def _agrees(got: np.ndarray, expected: np.ndarray) -> bool:
                 and np.abs(got - expected).max() <= 0.05 * scale)
 
 
-def _onnxruntime(model, probe) -> Forward | None:
+def lower_to_xnnpack(model, example) -> bytes:
+    """An ExecuTorch program (.pte bytes) of ``model`` for inputs shaped like ``example``, its
+    int8 and float operators delegated to XNNPACK (the ``executorch`` backend's lowering)."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(model, (example,))  # eval() breaks PT2E models
+        return to_edge_transform_and_lower(
+            exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def _onnxruntime(model, probe, input_spec) -> Forward | None:
     import torch
 
+    from edgec.onnx_export import INPUT_NAME, export_onnx
     from edgec.runner.runner import ort_session
 
     if is_pt2e_quantized(model) or not isinstance(model, torch.nn.Module):
         return None
     training = model.training
-    buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (probe[:1],), buffer, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        session = ort_session(export_onnx(model, input_spec), THREADS, quiet=True)
     finally:
-        model.train(training)
-    session = ort_session(buffer.getvalue(), THREADS, quiet=True)
+        model.train(training)  # export_onnx puts it in eval mode
 
     def run(x):
-        return session.run(None, {"input": x.numpy()})[0]
+        return session.run(None, {INPUT_NAME: x.numpy()})[0]
 
     return run
 
 
-def _xnnpack(model, probe) -> Forward | None:
+def _xnnpack(model, probe, input_spec) -> Forward | None:
     if not is_pt2e_quantized(model):
         return None
-    import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
     example = _padded(probe[:LOWERED_BATCH], LOWERED_BATCH)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exported = torch.export.export(model, (example,))
-        program = to_edge_transform_and_lower(
-            exported, partitioner=[XnnpackPartitioner()]).to_executorch()
-    return _Lowered(program.buffer, Runtime.get())
+    return _Lowered(lower_to_xnnpack(model, example), Runtime.get())
 
 
 class _Lowered:

@@ -254,6 +254,7 @@ def test_resnet20_search_on_the_emulated_board(emulated_board, tmp_path, monkeyp
                                connect_timeout_s=60.0, command_timeout_s=1800.0)
     save_device(config, tmp_path / "devices")
     monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
+    monkeypatch.chdir(tmp_path)  # its profile database (./profiles) stays out of the repository
     out = Path(os.environ.get("EDGEC_BOARD_SEARCH_OUT", tmp_path / "out"))
     outcome = run_search(SearchRequest(
         EXAMPLES / "resnet20_cifar10" / "model.toml", target="rpi4", device="emulated-rpi4",

@@ -16,7 +16,6 @@ import io
 import logging
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,24 +91,18 @@ class ExecuTorchBackend:
 
     def compile(self, artifact: Artifact, target, out_dir: Path) -> dict[str, Any]:
         require("executorch", "mobile")
-        import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
+        from edgec.forward import lower_to_xnnpack
 
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                exported = torch.export.export(artifact.payload,  # eval() breaks PT2E models
-                                               _example_input(artifact, target))
-                program = to_edge_transform_and_lower(
-                    exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+            (example,) = _example_input(artifact, target)
+            program = lower_to_xnnpack(artifact.payload, example)
         except CompileError:
             raise
         except Exception as exc:
             raise CompileError(f"ExecuTorch could not lower the model: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}; run `edgec check`"
                                ) from exc
-        (out_dir / "model.pte").write_bytes(program.buffer)
+        (out_dir / "model.pte").write_bytes(program)
         return {"backend": self.name, "files": ["model.pte"], "delegate": "xnnpack", "batch": 1,
                 "precision": artifact.extras.get("precision", "fp32")}
 

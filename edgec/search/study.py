@@ -684,9 +684,10 @@ def interrupted(study, trial, started: float) -> None:
     except RuntimeError:  # it had been told already: nothing to try again
         return
     if trial.params:
-        kept = {key: trial.user_attrs[key] for key in ("baseline", "fidelity", "promoted_from")
-                if key in trial.user_attrs and (key != "fidelity" or "promoted_from"
-                                                in trial.user_attrs)}
+        attrs = trial.user_attrs  # a promotion is queued again as one, at full fidelity
+        keys = ("baseline", "fidelity", "promoted_from") if "promoted_from" in attrs \
+            else ("baseline",)
+        kept = {key: attrs[key] for key in keys if key in attrs}
         study.enqueue_trial(dict(trial.params), user_attrs=kept or None)
 
 
@@ -861,12 +862,17 @@ def _trial_loop(study, plan: SearchPlan, target: int, clock, status: SearchStatu
         repeats = 0 if built else repeats + 1
         if built:
             new.append(trial.number)
-            status = replace(status, done=finished(records), running="", step="",
-                             elapsed_s=clock.elapsed(), best=describe(best_so_far(records)),
-                             front=front_lines(records),
-                             finished=next(r for r in records if r.number == trial.number))
+            status = _finished_status(status, records, trial.number, clock)
             on_status(status)
     return status, repeats
+
+
+def _finished_status(status: SearchStatus, records, number: int, clock) -> SearchStatus:
+    """The display's status once trial ``number`` has been built."""
+    return replace(status, done=finished(records), running="", step="",
+                   elapsed_s=clock.elapsed(), best=describe(best_so_far(records)),
+                   front=front_lines(records),
+                   finished=next(r for r in records if r.number == number))
 
 
 def promote(study, plan: SearchPlan, status: SearchStatus,
@@ -896,10 +902,7 @@ def promote(study, plan: SearchPlan, status: SearchStatus,
             raise
         if built:
             new.append(trial.number)
-            records = trial_records(study)
-            status = replace(status, done=finished(records), step="",
-                             best=describe(best_so_far(records)), front=front_lines(records),
-                             finished=next(r for r in records if r.number == trial.number))
+            status = _finished_status(status, trial_records(study), trial.number, clock)
             on_status(status)
     return new
 
