@@ -27,7 +27,7 @@ def _eager(model, x) -> np.ndarray:
 
 def test_a_float_module_runs_in_onnxruntime_with_the_same_top1(digits_model, digits_config):
     x = _images(digits_config)
-    forward = batch_forward(digits_model.eval(), x)
+    forward = batch_forward(digits_model.eval(), x, digits_config.input)
     assert forward.__qualname__.startswith("_onnxruntime")  # not the eager fallback
     got, expected = forward(x[:37]), _eager(digits_model, x[:37])  # any batch size
     assert got.shape == expected.shape == (37, 10)
@@ -46,7 +46,7 @@ def test_a_model_with_two_outputs_runs_eagerly(digits_model, digits_config):
             return y, y.softmax(-1)
 
     x = _images(digits_config, 16)
-    forward = batch_forward(TwoOutputs(digits_model).eval(), x)
+    forward = batch_forward(TwoOutputs(digits_model).eval(), x, digits_config.input)
     assert forward.__qualname__.startswith("_eager")
     assert isinstance(forward(x), tuple)
 
@@ -62,7 +62,7 @@ def test_a_module_that_disagrees_with_its_export_runs_eagerly(digits_model, digi
 
     x = _images(digits_config, 16)
     model = Stateful(digits_model).eval()
-    assert batch_forward(model, x).__qualname__.startswith("_eager")
+    assert batch_forward(model, x, digits_config.input).__qualname__.startswith("_eager")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
@@ -76,7 +76,7 @@ def test_a_pt2e_graph_runs_lowered_to_xnnpack_and_keeps_its_top1(digits_model, d
     quantized = quantize_int8_pt2e(digits_model.eval(), calibration)
     assert is_pt2e_quantized(quantized) and not is_pt2e_quantized(digits_model)
     x = _images(digits_config, 250)
-    forward = batch_forward(quantized, x)
+    forward = batch_forward(quantized, x, digits_config.input)
     assert type(forward).__name__ == "_Lowered"
     got = forward(x)  # 250 images: two full batches of 100 and one padded
     with torch.no_grad():
