@@ -123,4 +123,16 @@ class Measurement:
                  if k not in ("samples_ms", "peak_rss_mb", "runtime", "mode", "artifact",
                               "summary", "warnings")}
         return cls(tuple(result["samples_ms"]), result["peak_rss_mb"], result.get("runtime", {}),
-                   (*warnings, *result.get("warnings", ())), extra)
+                   (*warnings, *result.get("warnings", ()), *_oversubscribed(result)), extra)
+
+
+OVERSUBSCRIBED = 0.5  # cores busy beyond --threads that make a measurement suspect
+
+
+def _oversubscribed(result: dict[str, Any]) -> tuple[str, ...]:
+    """A warning when the runtime kept more cores busy than the threads it was given."""
+    busy, threads = result.get("cores_busy"), result.get("threads")
+    if busy is None or threads is None or busy <= threads + OVERSUBSCRIBED:
+        return ()
+    return (f"the runtime kept {busy:.2f} cores busy with --threads {threads}: this is not a "
+            f"{threads}-thread latency (a thread pool the runner does not control)",)

@@ -20,7 +20,9 @@ from edgec.artifact import Artifact, read_manifest, sha256_file
 from edgec.build import write_artifact
 from edgec.config import from_dict
 from edgec.data import preprocess
+from edgec.devices.local import LocalDevice
 from edgec.errors import ConfigError, MissingExtraError
+from edgec.measure import OVERSUBSCRIBED, MeasureSpec
 from edgec.passes.export import ExportParams, ExportPass
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass
@@ -92,6 +94,19 @@ def test_executorch_fp32_matches_float(resnet20, resnet20_config, android, image
     assert "executorch" in manifest["versions"]
     logits = artifact_predict(directory)(images[0][:200])
     assert np.abs(logits - float_logits[:200]).max() < 1e-4
+
+
+def test_executorch_runs_on_the_threads_it_is_given(resnet20, resnet20_config, android,
+                                                   tmp_path):
+    """ExecuTorch's XNNPACK pool defaults to one thread per core; the runner resets it to
+    ``--threads``. Measured with one thread, the process keeps about one core busy (1.8 with
+    the pool left alone on a 2-core machine); on one core this holds either way."""
+    directory, _ = _compile([Step(FusePass(), FuseParams())], resnet20, resnet20_config,
+                            android, None, tmp_path, None)
+    measured = LocalDevice().measure(directory, MeasureSpec(warmup=20, repeat=50,
+                                                            min_time_s=1.0, threads=1))
+    assert measured.extra["cores_busy"] < 1 + OVERSUBSCRIBED
+    assert not measured.warnings
 
 
 @pytest.mark.slow

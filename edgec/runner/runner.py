@@ -276,14 +276,25 @@ def load_ort_mobile(files, threads):
 
 
 def load_executorch(files, threads):
-    import torch
-    from executorch.runtime import Runtime
+    """The .pte through ExecuTorch's C++ runtime, its XNNPACK threadpool set to ``threads``.
 
-    torch.set_num_threads(threads)
-    method = Runtime.get().load_program(str(HERE / files[0])).load_method("forward")
+    The pool is ExecuTorch's own (one thread per core by default; ``torch.set_num_threads``
+    does not reach it), so it is reset here. The native module is imported without the
+    ``portable_lib`` wrapper, which imports ``executorch.exir`` (about 5 s per run)."""
+    import torch  # loads libtorch, which the extension links against
+
+    try:
+        from executorch.extension.pybindings import _C as native
+    except ImportError:
+        from executorch.extension.pybindings import portable_lib as native
+    native._unsafe_reset_threadpool(threads)
+    if native._threadpool_get_thread_count() != threads:
+        raise SystemExit(f"runner: ExecuTorch kept {native._threadpool_get_thread_count()} "
+                         f"threads, not --threads {threads}")
+    module = native._load_for_executorch(str(HERE / files[0]))
 
     def run_one(x):
-        return method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
+        return module.forward([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
 
     from importlib.metadata import version
 
@@ -372,7 +383,7 @@ def measure(predict, manifest, args):
         predict(stream[i % len(stream)])
     if isinstance(predict, Cascade):
         predict.exits = [0] * len(predict.exits)
-    samples, started, i = [], time.perf_counter(), 0
+    samples, started, cpu_started, i = [], time.perf_counter(), time.process_time(), 0
     while (len(samples) < args.repeat or time.perf_counter() - started < args.min_time) and (
         len(samples) < args.max_repeat
     ):
@@ -381,8 +392,10 @@ def measure(predict, manifest, args):
         predict(x)
         samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
+    # > 1 when the runtime uses more cores than --threads asked for (or spins waiting threads)
+    cores_busy = (time.process_time() - cpu_started) / (time.perf_counter() - started)
     return {"samples_ms": samples, "batch": args.batch, "summary": latency_summary(samples),
-            **exit_histogram(predict)}
+            "cores_busy": round(cores_busy, 3), **exit_histogram(predict)}
 
 
 def percentile(samples, q):
