@@ -61,6 +61,7 @@ class BuildRequest:
     budget: float | None = None  # top-1 points the build may lose (None: the recipe's [budget])
     cache: bool = True  # look steps, evaluations and measurements up in the cache (edgec.cache)
     evaluate: bool = True  # top-1 on the evaluation split here (a search skips it: see search)
+    recheck: bool = True  # the budget's re-check now (a search defers it to :func:`recheck`)
 
 
 DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
@@ -79,8 +80,21 @@ def default_recipe(target: Target | None = None) -> Path:
     return resolve_recipe(target.options.get("recipe", "int8") if target else "int8")
 
 
-def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
-    """Run the whole build; the artifact directory appears only when everything succeeded."""
+@dataclass(frozen=True)
+class _Inputs:
+    """What a build starts from: its files read, its budget's ledger set up."""
+
+    config: ModelConfig
+    target: Target
+    pipeline: Pipeline
+    calibration: Dataset  # what the passes may use (the ledger's slices taken out)
+    evaluation: Dataset
+    source: Artifact
+    cache: Cache
+    ledger: Ledger | None
+
+
+def _inputs(request: BuildRequest, progress) -> _Inputs:
     config = load_model_config(request.model)
     target = load_target(request.target)
     overrides = request.overrides  # --budget first: budget.* overrides may then refine it
@@ -92,33 +106,47 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
     progress(f"loading model {config.name}")
     source = _load_source(config)
     cache = Cache(enabled=request.cache)
-    float_top1 = _float_top1(source, evaluation, config, cache, progress) \
-        if request.evaluate else None
     budget = budget_spec(pipeline, request.budget)
     ledger = None
     if budget is not None:
         calibration, ledger = _ledger(budget, calibration, source, config, cache, pipeline,
                                       progress)
+    return _Inputs(config, target, pipeline, calibration, evaluation, source, cache, ledger)
+
+
+def _run_pipeline(inputs: _Inputs, request: BuildRequest, scratch: Path, profiler, cpu: CpuInfo,
+                  progress) -> tuple[Context, Artifact]:
+    ctx = Context(inputs.target, inputs.config.input, inputs.calibration, scratch,
+                  baseline=inputs.source.payload, evaluation=inputs.evaluation,
+                  progress=progress, cpu=cpu, backend=request.backend, device=profiler,
+                  cache=inputs.cache, ledger=inputs.ledger)
+    built = inputs.pipeline.run(inputs.source, ctx,
+                                lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
+    return ctx, built
+
+
+def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
+    """Run the whole build; the artifact directory appears only when everything succeeded."""
+    inputs = _inputs(request, progress)
+    config, target, ledger = inputs.config, inputs.target, inputs.ledger
+    float_top1 = _float_top1(inputs.source, inputs.evaluation, config, inputs.cache, progress) \
+        if request.evaluate else None
     device, profiler = LocalDevice(), open_device(request.device)
     try:
         cpu = runs_on_cpu(target, profiler)
         progress(f"int8 kernels of {cpu.source}: {cpu.describe()}")
         with tempfile.TemporaryDirectory(prefix="edgec-") as scratch:
             scratch = Path(scratch)
-            ctx = Context(target, config.input, calibration, scratch, baseline=source.payload,
-                          evaluation=evaluation, progress=progress, cpu=cpu,
-                          backend=request.backend, device=profiler, cache=cache, ledger=ledger)
-            built = pipeline.run(source, ctx,
-                                 lambda name, s: progress(f"pass {name} done in {s:.1f} s"))
-            if ledger is not None and ledger.recheck_slice is not None:
-                _recheck(ledger, source, built, cache, progress)
+            ctx, built = _run_pipeline(inputs, request, scratch, profiler, cpu, progress)
+            if request.recheck and ledger is not None and ledger.recheck_slice is not None:
+                _recheck(ledger, inputs.source, built, inputs.cache, progress)
             eval_npz = scratch / "evaluation.npz"
-            np.savez(eval_npz, images=evaluation.images, labels=evaluation.labels)
-            reference = _reference_row(source, float_top1, ctx, target, eval_npz, profiler,
-                                       request)
-            directory, manifest, rows = _write_build(built, config, target, pipeline, request,
-                                                     eval_npz, device, reference, progress,
-                                                     profiler, cpu, ctx)
+            np.savez(eval_npz, images=inputs.evaluation.images, labels=inputs.evaluation.labels)
+            reference = _reference_row(inputs.source, float_top1, ctx, target, eval_npz,
+                                       profiler, request)
+            directory, manifest, rows = _write_build(built, config, target, inputs.pipeline,
+                                                     request, eval_npz, device, reference,
+                                                     progress, profiler, cpu, ctx)
     finally:
         getattr(profiler, "close", lambda: None)()
     latency = rows[0].latency
@@ -127,6 +155,25 @@ def build(request: BuildRequest, progress=lambda message: None) -> BuildResult:
                                            profile_features(directory, request.measure.threads))
     return BuildResult(directory, manifest, (reference, *rows),
                        tuple(manifest.get("warnings", ())))
+
+
+def recheck(request: BuildRequest, progress=lambda message: None) -> dict[str, Any] | None:
+    """The re-check a build with ``recheck=False`` left out: the pipeline's output (its steps
+    from the step cache) and the float model on the budget's re-check tail, as
+    :class:`edgec.budget.Ledger` records it (``{"drop": ..., "images": ...}``); None when the
+    budget has no re-check tail. Nothing is compiled, measured or written."""
+    inputs = _inputs(request, progress)
+    if inputs.ledger is None or inputs.ledger.recheck_slice is None:
+        return None
+    profiler = open_device(request.device)
+    try:
+        cpu = runs_on_cpu(inputs.target, profiler)
+        with tempfile.TemporaryDirectory(prefix="edgec-") as scratch:
+            _, built = _run_pipeline(inputs, request, Path(scratch), profiler, cpu, progress)
+            _recheck(inputs.ledger, inputs.source, built, inputs.cache, progress)
+    finally:
+        getattr(profiler, "close", lambda: None)()
+    return inputs.ledger.rechecked
 
 
 def budget_spec(pipeline: Pipeline, points: float | None) -> BudgetSpec | None:

@@ -88,9 +88,26 @@ def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
     return replace(pick, decision=pick.decision + refused)
 
 
+def with_rechecks(records, front: tuple[int, ...], recheck: Callable[[Any], Any]) -> tuple:
+    """``records`` with the re-check run where it can decide the pick: a search's trials defer
+    it (each would cost an evaluation of the re-check tail), so here it runs on the feasible
+    front from the fastest until one passes, and on the trials close enough to rival that one
+    (:func:`overlap`, :func:`drift_may_explain`). ``recheck`` returns the record with its
+    ``recheck_drop`` (unchanged when it has one, or when the budget has no re-check tail)."""
+    feasible = sorted((r for r in records if r.number in front and r.feasible),
+                      key=lambda r: r.latency_ms)
+    checked, first = {}, None
+    for record in feasible:
+        if first is None or overlap(first, record) or drift_may_explain(first, record):
+            record = checked[record.number] = recheck(record)
+            if first is None and rechecked(record):
+                first = record
+    return tuple(checked.get(r.number, r) for r in records)
+
+
 def rechecked(record) -> bool:
     """Whether the trial's re-checked drop is inside its budget (True when it was not
-    re-checked: a study without a re-check tail)."""
+    re-checked: a study without a re-check tail, or a trial :func:`with_rechecks` left out)."""
     drop = record.attrs.get("recheck_drop")
     return drop is None or drop <= record.attrs["budget_points"] + 1e-9
 

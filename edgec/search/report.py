@@ -152,7 +152,8 @@ def _seconds(record) -> str:
 def _budget_words(plan) -> str:
     fixed = plan.fixed
     return (f"{fixed.get('budget.view', 'plain')} view, {fixed.get('budget.holdout', '?')} "
-            f"images; re-check on {fixed.get('budget.recheck') or 'no'} more")
+            f"images; re-check on {fixed.get('budget.recheck') or 'no'} more, run on the "
+            f"pick's candidates only")
 
 
 def time_split(records) -> str:

@@ -212,6 +212,11 @@ class TrialRecord:
         interrupted and not a repeat of an earlier configuration."""
         return self.state not in ("running", "interrupted") and "repeat_of" not in self.attrs
 
+    def config(self, fidelity: float | None = None) -> TrialConfig:
+        """Its configuration (with ``fidelity`` instead of its own: a promotion)."""
+        return TrialConfig(self.recipe, self.backend, dict(self.overrides), self.baseline,
+                           self.fidelity if fidelity is None else fidelity)
+
     def label(self) -> str:
         """'int8 on onnxruntime (quantize.mode=mixed)'; floats to 4 significant digits."""
         changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -512,7 +517,8 @@ def build_request(plan: SearchPlan, config: TrialConfig):
                         backend=None if config.backend == AUTO_BACKEND else config.backend,
                         overrides=overrides,
                         budget=overrides.get("budget.points", request.budget),
-                        eval_count=request.eval_count, evaluate=False)  # the pick's: at the end
+                        eval_count=request.eval_count,
+                        evaluate=False, recheck=False)  # the pick's: at the end
 
 
 def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
@@ -699,7 +705,7 @@ def trial_records(study) -> tuple[TrialRecord, ...]:
     states = {optuna.trial.TrialState.COMPLETE: "complete",
               optuna.trial.TrialState.FAIL: "failed",
               optuna.trial.TrialState.RUNNING: "running"}
-    records = []
+    records, rechecks = [], study.user_attrs.get(RECHECKS, {})
     for trial in study.get_trials(deepcopy=False):
         if trial.state not in states:
             continue  # waiting (enqueued, not started) or pruned
@@ -709,7 +715,7 @@ def trial_records(study) -> tuple[TrialRecord, ...]:
         elif "status" not in trial.user_attrs and trial.state == optuna.trial.TrialState.FAIL:
             state = "interrupted"  # its process died; the heartbeat check queued it again
         feasible = all(v <= 0 for v in trial.constraints.values()) and state == "complete"
-        attrs = dict(trial.user_attrs)
+        attrs = {**trial.user_attrs, **rechecks.get(str(trial.number), {})}
         if retried_from(trial) is not None:
             attrs["retry_of"] = retried_from(trial)
         records.append(TrialRecord(trial.number, state, tuple(trial.values or ()) or None,
@@ -777,22 +783,47 @@ def conclude(study, plan: SearchPlan, records: tuple[TrialRecord, ...], status: 
              ) -> SearchOutcome:
     """The end of a search (also of one whose trials workers ran, :mod:`edgec.search.workers`):
     pick among ``records`` and write the report."""
-    from edgec.search.pick import Remeasure, choose
+    from edgec.search.pick import Remeasure, choose, with_rechecks
     from edgec.search.report import write_report
 
     request = plan.request
     front = front_numbers(records)
     again = Remeasure(request.device, request.measure, request.remeasure_rounds)
-    pick = choose(records, front, again,
-                  lambda message: on_status(replace(status, step=message, finished=None)))
+    def step(message: str) -> None:
+        on_status(replace(status, step=message, finished=None))
+
+    records = with_rechecks(records, front, lambda record: recheck_trial(study, plan, record,
+                                                                        step))
+    pick = choose(records, front, again, step)
     if pick is not None:
-        pick = replace(pick, test_top1=test_top1(plan, pick.record, lambda message: on_status(
-            replace(status, step=message, finished=None))))
+        pick = replace(pick, test_top1=test_top1(plan, pick.record, step))
     command = rebuild_command(plan, pick.record) if pick else ()
     if pick is not None:
         study.set_user_attr("pick", {**pick.to_json(), "command": list(command)})
     outcome = SearchOutcome(plan, records, front, tuple(new), pick, command, stopped)
     return replace(outcome, reports=write_report(outcome))
+
+
+RECHECKS = "rechecks"  # study attribute: {trial number: {"drop", "images"}} run by the pick
+
+
+def recheck_trial(study, plan: SearchPlan, record: TrialRecord,
+                  progress: Callable[[str], None]) -> TrialRecord:
+    """``record`` with its re-check drop (:func:`edgec.build.recheck`, deferred by the trials),
+    kept in the study's ``RECHECKS`` attribute: a finished trial's attributes cannot change."""
+    from edgec.build import recheck
+
+    if record.attrs.get("recheck_drop") is not None or not plan.fixed.get("budget.recheck"):
+        return record
+    progress(f"re-checking trial {record.number} on calibration images the search did not "
+             f"choose on")
+    entry = recheck(build_request(plan, record.config()), progress)
+    if entry is None:
+        return record
+    found = {"recheck_drop": entry["drop"], "recheck_images": entry["images"]}
+    study.set_user_attr(RECHECKS, {**study.user_attrs.get(RECHECKS, {}),
+                                   str(record.number): found})
+    return replace(record, attrs={**record.attrs, **found})
 
 
 def test_top1(plan: SearchPlan, record: TrialRecord,
@@ -922,8 +953,7 @@ def next_promotion(records: tuple[TrialRecord, ...], plan: SearchPlan
                          key=lambda r: r.latency_ms):
         if record.latency_ms >= bar:
             return None
-        config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
-                             record.baseline, 1.0)
+        config = record.config(fidelity=1.0)
         if same_config(records, config) is None:
             return record, config
     return None

@@ -40,7 +40,6 @@ from edgec.search.study import (
     SearchPlan,
     SearchRequest,
     SearchStatus,
-    TrialConfig,
     TrialRecord,
     _Clock,
     _one_trial,
@@ -124,9 +123,8 @@ def front_here(study, plan: SearchPlan, progress: Callable[[str], None]
                 and not Path(artifact).is_dir():
             progress(f"building trial {record.number} here: its artifact is on "
                      f"{record.attrs.get('worker', 'another machine')}")
-            config = TrialConfig(record.recipe, record.backend, dict(record.overrides),
-                                 fidelity=record.fidelity)
-            built[artifact] = str(build(build_request(plan, config), progress).directory)
+            built[artifact] = str(build(build_request(plan, record.config()),
+                                        progress).directory)
     # every record of that artifact (repeats, equal configurations) points at the new folder
     return tuple(replace(r, attrs={**r.attrs, "artifact": built[r.attrs["artifact"]]})
                  if r.attrs.get("artifact") in built else r for r in records)
