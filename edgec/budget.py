@@ -21,6 +21,8 @@ images the choice did not fit.
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +84,10 @@ class Ledger:
     """The build's one accuracy budget: the reference, and what each step spent."""
 
     def __init__(self, spec: BudgetSpec, holdout: Dataset, input_spec, reference_top1: float,
-                 seed: int = 0, steps: list[str] | None = None, recheck: Dataset | None = None):
+                 seed: int = 0, steps: list[str] | None = None, recheck: Dataset | None = None,
+                 progress: Callable[[str], None] = lambda message: None):
         self.spec, self.holdout, self.input_spec, self.seed = spec, holdout, input_spec, seed
+        self.progress = progress  # each evaluation is announced, and its result and seconds
         self.recheck_slice = recheck  # seen only by :meth:`recheck`
         self.rechecked: dict[str, Any] | None = None
         self.reference_top1 = reference_top1  # percent
@@ -116,8 +120,9 @@ class Ledger:
         ledger's view."""
         with contextlib.suppress(NotImplementedError):  # a PT2E graph is in eval mode already
             model.eval()
-        return view_top1(model, self.holdout if dataset is None else dataset, self.input_spec,
-                         self.spec.view, self.seed) * 100
+        dataset = self.holdout if dataset is None else dataset
+        return self._timed(dataset, lambda: view_top1(model, dataset, self.input_spec,
+                                                      self.spec.view, self.seed) * 100)
 
     def input_top1(self) -> float:
         """The top-1 (percent) of the running pass's input, as the ledger counts it."""
@@ -129,8 +134,17 @@ class Ledger:
         if artifact.stage == "torch":
             return self.torch_top1(artifact.payload, dataset)
         dataset = self.holdout if dataset is None else dataset
-        return onnx_view_top1(artifact.payload, dataset, self.input_spec, self.spec.view,
-                              self.seed, artifact.extras.get("cascade")) * 100
+        return self._timed(dataset, lambda: onnx_view_top1(
+            artifact.payload, dataset, self.input_spec, self.spec.view, self.seed,
+            artifact.extras.get("cascade")) * 100)
+
+    def _timed(self, dataset: Dataset, evaluate: Callable[[], float]) -> float:
+        """``evaluate()``, announced (a search's time split counts it as evaluation)."""
+        self.progress(f"accuracy budget: top-1 on {dataset.origin} ({self.spec.view})")
+        started = time.monotonic()
+        value = evaluate()
+        self.progress(f"  top-1 {value:.2f} % in {time.monotonic() - started:.1f} s")
+        return value
 
     def recheck(self, reference_top1: float, final_top1: float) -> dict[str, Any]:
         """Record the re-check: the float model's and the final output's top-1 (percent) on the

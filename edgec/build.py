@@ -207,7 +207,8 @@ def _ledger(spec: BudgetSpec, calibration: Dataset, source: Artifact, config: Mo
                           "with a [calibration] split or drop --budget / [budget]")
     usable, holdout, recheck = spec.split(calibration)
     ledger = Ledger(spec, holdout, config.input, float("nan"),
-                    steps=[step.pass_.name for step in pipeline.steps], recheck=recheck)
+                    steps=[step.pass_.name for step in pipeline.steps], recheck=recheck,
+                    progress=progress)
     progress(f"accuracy budget: measuring the float model on {holdout.origin} ({spec.view})")
     document = {"what": "ledger reference", "model": step_outputs.source_key(source),
                 "holdout": dataset_identity(holdout), "view": spec.view,

@@ -52,26 +52,42 @@ def fit_table(model) -> Table:
     return table
 
 
-def fit_device(device: str, profiles: Path) -> list:
-    """Fit every key of the device's profiles; keys with too few configurations are skipped
-    with a line on stderr. A DataError when nothing could be fit."""
-    from edgec.latency import fit, samples_from_profiles
+def fit_device(device: str, profiles: Path, holdout: int = 0) -> list[tuple]:
+    """Fit every key of the device's profiles, ``holdout`` configurations of each left out and
+    predicted: [(model, held-out errors or None)]. Keys with too few configurations are skipped
+    with a line on stderr; a DataError when nothing could be fit."""
+    from edgec.latency import evaluate, fit, samples_from_profiles
+    from edgec.latency.fit import hold_out
 
-    grouped = samples_from_profiles(profiles, device)
+    stale: list[str] = []
+    grouped = samples_from_profiles(profiles, device, stale)
+    if stale:
+        errors.print(f"skipped {len(stale)} record(s) with latency features of an older format "
+                     f"(first: {escape(stale[0])}); `edgec latency sample` measures them again",
+                     highlight=False, soft_wrap=True)
     if not grouped:
         raise DataError(f"no profile of {device} under {profiles} carries latency features; "
                         f"measure configurations on it first (edgec profile ARTIFACT --device "
                         f"{device}, or edgec build --device {device})")
-    models = []
+    fitted = []
     for key, samples in grouped.items():
         try:
-            models.append(fit(samples, key))
+            train, held = hold_out(samples, holdout) if holdout else (samples, [])
+            model = fit(train, key)
+            fitted.append((model, evaluate(model, held) if held else None))
         except DataError as exc:
             errors.print(f"skipped: {escape(str(exc))}", highlight=False, soft_wrap=True)
-    if not models:
+    if not fitted:
         raise DataError(f"no key of {device} has enough measured configurations to fit; "
                         f"measure more and fit again")
-    return models
+    return fitted
+
+
+def held_out_line(report: dict) -> str:
+    tau = report["kendall_tau"]
+    return (f"held out: {report['n']} measurements, MAPE {_percent(report['mape'])}, median "
+            f"{_percent(report['median_ape'])}, within ±10 % {_percent(report['within_10'])}, "
+            f"Kendall τ {'-' if tau is None else f'{tau:.3f}'}")
 
 
 @latency_app.command("fit")
@@ -79,24 +95,29 @@ def fit_command(
     device: str = typer.Option(..., help="device (or target) whose profiles to learn from"),
     profiles: Path = typer.Option(Path("profiles"), help="profile database folder"),
     out: Path = typer.Option(None, help="model file (default: latency/DEVICE.json)"),
+    holdout: int = typer.Option(0, help="configurations per key left out of the fit and "
+                                        "predicted (the saved model is fit without them)"),
 ):
     """Fit a latency model per key of the device's profiles; write latency/DEVICE.json.
 
-    One model per (backend, runtime, threads, governor); prints its candidates' LOO errors."""
+    One model per (backend, runtime, threads, governor); prints its candidates' LOO errors and,
+    with --holdout, its errors on configurations it was not fit on."""
     from edgec.latency import save
 
     try:
         path = out or model_path(device)
         model_path(device)  # the device name is a folder of the profile database too
-        models = fit_device(device, profiles)
-        save(path, models)
+        fitted = fit_device(device, profiles, holdout)
+        save(path, [model for model, _ in fitted])
     except EdgecError as exc:
         fail(exc)
-    for model in models:
+    for model, held in fitted:
         console.print(f"{model.key.describe()}: {model.samples} samples, {model.configurations} "
                       f"configurations", highlight=False, markup=False, soft_wrap=True)
         console.print(fit_table(model))
-    console.print(f"wrote {len(models)} model(s) to {path}", highlight=False, markup=False,
+        if held is not None:
+            console.print(held_out_line(held), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {len(fitted)} model(s) to {path}", highlight=False, markup=False,
                   soft_wrap=True)
 
 

@@ -35,9 +35,16 @@ from edgec.latency import (
     save,
     select_model,
 )
-from edgec.latency.features import aggregate, aggregate_names
+from edgec.latency.features import FEATURES_FORMAT, aggregate, aggregate_names
 from edgec.latency.fit import boosted_estimator, export_estimator
-from edgec.latency.model import BoostedModel, Tree, column_matrix, profile_set_digest
+from edgec.latency.model import (
+    MODEL_FORMAT,
+    BoostedModel,
+    Tree,
+    column_matrix,
+    configuration_id,
+    profile_set_digest,
+)
 from tests.conftest import EXAMPLES, ROOT
 
 DIGITS = EXAMPLES / "digits" / "model.toml"
@@ -92,6 +99,13 @@ def test_features_read_precision_kind_and_cost_from_the_onnx_files(artifacts, ta
     assert pruned["out_channels"] < full["out_channels"] and tables["pruned"]["macs"] < \
         tables["int8"]["macs"]
     manifest = json.loads((artifacts["int8"] / "manifest.json").read_text())
+    quantize = next(step for step in manifest["lineage"] if step["pass"] == "quantize")
+    scheme = quantize["report"]["int8_scheme"]["scheme"]  # this CPU's: u8s8, s8s8-symmetric...
+    assert {row["arithmetic"] for row in tables["int8"]["layers"]} == {scheme[:4]}
+    assert {row["per_channel"] for row in tables["int8"]["layers"]} == \
+        {quantize["params"]["per_channel"]}
+    assert {row["arithmetic"] for row in tables["fp32"]["layers"]} == {"fp32"}
+    assert not any(row["per_channel"] for row in tables["fp32"]["layers"])
     assert tables["int8"]["size_bytes"] == manifest["size_bytes"]
     assert tables["int8"]["backend"] == "onnxruntime" and tables["int8"]["stages"] == 1
     assert json.loads(json.dumps(tables["mixed"])) == tables["mixed"]  # JSON-able as is
@@ -261,7 +275,7 @@ def test_the_json_file_is_versioned_by_its_profile_set_and_written_atomically(ta
     assert sorted(p.name for p in path.parent.iterdir()) == ["local.json"]  # no temp file left
     data = json.loads(path.read_text())
     entry = data["models"][0]
-    assert data["format"] == 1 and entry["samples"] == 12 and entry["key"] == KEY.to_json()
+    assert data["format"] == MODEL_FORMAT and entry["samples"] == 12 and entry["key"] == KEY.to_json()
     assert entry["profile_set"] == profile_set_digest(samples[::-1]) != \
         profile_set_digest(samples[1:])
     loaded = load(path)[0]
@@ -360,6 +374,11 @@ def test_samples_from_profiles_group_records_by_key(tables, tmp_path):
     (folder / "2025-01-03.jsonl").write_text(record({**int8, "format": 0}, 1.0) + "\n")
     with pytest.raises(DataError, match="jsonl:1: latency features of format 0"):
         samples_from_profiles(tmp_path / "profiles", "pi")
+    older = {**int8, "format": FEATURES_FORMAT - 1}  # an earlier edgec's: measured again
+    (folder / "2025-01-03.jsonl").write_text(record(older, 1.0) + "\n")
+    stale: list[str] = []
+    assert samples_from_profiles(tmp_path / "profiles", "pi", stale) == {}
+    assert stale == [f"{folder / '2025-01-03.jsonl'}:1"]
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -401,6 +420,24 @@ def test_cli_fits_every_key_of_a_device_and_predicts_an_artifact(tables, artifac
     assert failed.output.startswith("error: ConfigError: no latency model for device pi")
     missing = runner.invoke(app, ["latency", "fit", "--device", "nobody"])
     assert missing.exit_code == 2 and "no profile of nobody" in missing.output
+    held = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "4"])
+    assert held.exit_code == 0, held.output
+    assert "8 samples, 8 configurations" in held.output  # fit without the 4 held out
+    assert "held out: 4 measurements, MAPE" in held.output and "Kendall τ" in held.output
+    too_many = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "10"])
+    assert too_many.exit_code == 2 and "cannot hold out 10 of 12" in too_many.output
+
+
+def test_held_out_configurations_leave_with_all_their_measurements(tables):
+    from edgec.latency.fit import hold_out
+
+    samples = make_samples(tables, additive_latency, np.linspace(0.5, 4.0, 5))
+    twice = samples + [replace(s, latency_ms=s.latency_ms * 1.01) for s in samples]
+    train, held = hold_out(twice, 6, seed=3)
+    ids = {configuration_id(s.features) for s in held}
+    assert len(held) == 12 and len(ids) == 6
+    assert not ids & {configuration_id(s.features) for s in train}
+    assert hold_out(twice, 6, seed=3) == (train, held)  # the same draw every time
 
 
 def test_sample_measures_structures_records_features_and_resumes(tmp_path):
@@ -424,6 +461,9 @@ def test_sample_measures_structures_records_features_and_resumes(tmp_path):
         assert record["features"]["layers"] and record["features"]["threads"] == 1
         precisions = {layer["precision"] for layer in record["features"]["layers"]}
         assert precisions == ({"fp32"} if record["sample"]["scheme"] == "fp32" else {"int8"})
+        # the kernel the scheme selects, which the precision alone does not tell
+        arithmetic = {layer["arithmetic"] for layer in record["features"]["layers"]}
+        assert arithmetic == {record["sample"]["scheme"][:4]}
     again = run_sample(request)
     assert not again.measured and len(again.skipped) == len(first.measured)
     grouped = samples_from_profiles(tmp_path / "profiles", "local")

@@ -4,13 +4,18 @@ A layer table is a JSON-able list of dicts, one per convolution / fully connecte
 execution order (per stage for an early-exit cascade)::
 
     {"name": "/conv1/Conv", "stage": 0, "kind": "conv3x3", "precision": "int8",
+     "arithmetic": "u8s8", "per_channel": true,
      "macs": 9216, "weight_bytes": 144.0, "activation_bytes": 1536.0, "bytes": 1680.0,
      "in_channels": 1, "out_channels": 16, "groups": 1, "kernel": [3, 3], "stride": [1, 1]}
 
 ``kind`` is ``conv<K>x<K>`` (``conv3x3``, ``conv1x1``, ...), ``depthwise``, ``grouped`` or
 ``gemm``; ``precision`` is that of the weights (``fp32``, ``fp16``, ``int8``, ``int4``, read
 from the QDQ node around the weight); weights are counted at their precision and activations at
-theirs (int8 where a DequantizeLinear feeds the layer). ONNX files are read here
+theirs (int8 where a DequantizeLinear feeds the layer). ``arithmetic`` is the kernel the runtime
+picks, which precision alone does not tell: for int8 layers the signedness of activations and
+weights (``u8s8``, ``u8u8``, ``s8s8``, ``s8u8``; one x86 VNNI machine ran one ResNet-20 in
+0.36-0.55 ms as u8s8, 0.78-1.18 as u8u8 and 0.88-1.55 as s8s8), else the precision;
+``per_channel`` whether the weights carry one scale per output channel. ONNX files are read here
 (:func:`layer_table_from_onnx`); artifacts whose files cannot be parsed (ExecuTorch ``.pte``,
 TVM ``.so``) need the table the build stores as ``manifest["layers"]``
 (:func:`layer_table_from_torch` or :func:`layer_table_from_onnx` at build time).
@@ -29,25 +34,36 @@ from typing import Any
 
 from edgec.errors import ConfigError, DataError, ModelError
 
-FEATURES_FORMAT = 1
+FEATURES_FORMAT = 2
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# int8 x int8 kernels by (activation, weight) signedness; "int8": int8 weights, float activations
+INT8_ARITHMETIC = ("u8s8", "u8u8", "s8s8", "s8u8")
+ARITHMETIC = ("fp32", "fp16", *INT8_ARITHMETIC, "int8", "int4")
 KINDS = ("conv1x1", "conv3x3", "conv_other", "depthwise", "gemm")
 MAX_EXITS = 4  # exit rates beyond this many exits are summed into the last aggregate column
 ELEMENT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 # ONNX TensorProto data types of a quantized or plain tensor → precision
 _ONNX_PRECISION = {1: "fp32", 10: "fp16", 2: "int8", 3: "int8", 21: "int4", 22: "int4"}
+_ONNX_SIGN = {2: "u", 3: "s", 21: "u", 22: "s"}
 _MANIFEST = "manifest.json"
 
 
 def layer_entry(name: str, kind: str, precision: str, macs: int, weight_elements: int,
-                activation_elements: int, activation_precision: str, **shape: Any) -> dict:
-    """One row of a layer table; ``shape`` holds in/out channels, groups, kernel, stride."""
+                activation_elements: int, activation_precision: str,
+                arithmetic: str | None = None, per_channel: bool = False, **shape: Any) -> dict:
+    """One row of a layer table; ``shape`` holds in/out channels, groups, kernel, stride.
+    ``arithmetic`` defaults to ``precision`` (give the signedness of int8 x int8 layers)."""
     if precision not in ELEMENT_BYTES or activation_precision not in ELEMENT_BYTES:
         raise ConfigError(f"layer {name!r}: precision {precision!r} / {activation_precision!r} "
                           f"is not one of {', '.join(PRECISIONS)}")
+    arithmetic = arithmetic or precision
+    if arithmetic not in ARITHMETIC:
+        raise ConfigError(f"layer {name!r}: arithmetic {arithmetic!r} is not one of "
+                          f"{', '.join(ARITHMETIC)}")
     weight_bytes = weight_elements * ELEMENT_BYTES[precision]
     activation_bytes = activation_elements * ELEMENT_BYTES[activation_precision]
-    return {"name": name, "stage": 0, "kind": kind, "precision": precision, "macs": int(macs),
+    return {"name": name, "stage": 0, "kind": kind, "precision": precision,
+            "arithmetic": arithmetic, "per_channel": bool(per_channel), "macs": int(macs),
             "weight_bytes": weight_bytes, "activation_bytes": activation_bytes,
             "bytes": weight_bytes + activation_bytes, **shape}
 
@@ -83,30 +99,44 @@ def layer_table_from_onnx(path: str | Path, stage: int = 0) -> list[dict]:
         cost = costs.get(node.name)
         if cost is None:
             continue
-        weight = _tensor_precision(node.input[1], producers, initializers, "fp32")
-        activation = _tensor_precision(node.input[0], producers, initializers,
-                                       "fp16" if weight == "fp16" else "fp32")
+        weight, weight_sign = _tensor_precision(node.input[1], producers, initializers, "fp32")
+        activation, activation_sign = _tensor_precision(node.input[0], producers, initializers,
+                                                        "fp16" if weight == "fp16" else "fp32")
         shape = _onnx_shape(node, initializers, producers, cost)
         kind = conv_kind(shape["kernel"], shape["groups"], shape["in_channels"]) \
             if node.op_type == "Conv" else "gemm"
+        arithmetic = f"{activation_sign}8{weight_sign}8" \
+            if weight == activation == "int8" and activation_sign and weight_sign else weight
         row = layer_entry(node.name, kind, weight, cost.macs, cost.weight_elements,
-                          cost.input_elements + cost.output_elements, activation, **shape)
+                          cost.input_elements + cost.output_elements, activation, arithmetic,
+                          _per_channel(node.input[1], producers, initializers), **shape)
         table.append({**row, "stage": stage})
     return table
 
 
-def _tensor_precision(tensor: str, producers, initializers, plain: str) -> str:
-    """Precision of a layer input: the quantized type behind a DequantizeLinear, an
-    initialiser's own type, else ``plain``."""
+def _tensor_precision(tensor: str, producers, initializers, plain: str) -> tuple[str, str]:
+    """(precision, "u" / "s" for a quantized type else "") of a layer input: the quantized
+    type behind a DequantizeLinear, an initialiser's own type, else ``plain``."""
     source = producers.get(tensor)
     if source is not None and source.op_type == "DequantizeLinear":
         for name in (source.input[0], *source.input[2:3]):  # the data, else its zero point
             if name in initializers:
-                return _ONNX_PRECISION.get(initializers[name].data_type, "int8")
-        return "int8"
+                data_type = initializers[name].data_type
+                return _ONNX_PRECISION.get(data_type, "int8"), _ONNX_SIGN.get(data_type, "")
+        return "int8", ""
     if tensor in initializers:
-        return _ONNX_PRECISION.get(initializers[tensor].data_type, plain)
-    return plain
+        data_type = initializers[tensor].data_type
+        return _ONNX_PRECISION.get(data_type, plain), _ONNX_SIGN.get(data_type, "")
+    return plain, ""
+
+
+def _per_channel(weight: str, producers, initializers) -> bool:
+    """Whether the DequantizeLinear behind a weight has one scale per channel."""
+    source = producers.get(weight)
+    if source is None or source.op_type != "DequantizeLinear" or len(source.input) < 2:
+        return False
+    scale = initializers.get(source.input[1])
+    return scale is not None and math.prod(scale.dims) > 1
 
 
 def _onnx_shape(node, initializers, producers, cost) -> dict[str, Any]:
@@ -136,13 +166,16 @@ def _onnx_shape(node, initializers, producers, cost) -> dict[str, Any]:
 # --- torch -------------------------------------------------------------------------------------
 
 
-def layer_table_from_torch(model, input_spec,
-                           precision: str | Mapping[str, str] = "fp32") -> list[dict]:
+def layer_table_from_torch(model, input_spec, precision: str | Mapping[str, str] = "fp32",
+                           int8_arithmetic: str = "s8s8", per_channel: bool = False
+                           ) -> list[dict]:
     """The layer table of a torch model's Conv2d / Linear modules for one sample of
     ``input_spec`` (e.g. for an ExecuTorch build, from the float model before lowering).
 
     ``precision`` is the weights' precision for every layer, or a mapping from module name to
-    precision (missing names are fp32); activations of int8 / int4 layers count as int8."""
+    precision (missing names are fp32); activations of int8 / int4 layers count as int8, and
+    int8 layers compute in ``int8_arithmetic`` (XNNPACK's quantizer: signed activations and
+    weights) with ``per_channel`` weight scales."""
     import torch
 
     from edgec.analysis import torch_layer_costs
@@ -163,8 +196,11 @@ def layer_table_from_torch(model, input_spec,
             shape = {"in_channels": module.in_features, "out_channels": module.out_features,
                      "groups": 1, "kernel": [], "stride": []}
             kind = "gemm"
+        quantized = weight in ("int8", "int4")
         table.append(layer_entry(cost.name, kind, weight, cost.macs, cost.weight_elements,
-                                 cost.input_elements + cost.output_elements, activation, **shape))
+                                 cost.input_elements + cost.output_elements, activation,
+                                 int8_arithmetic if weight == "int8" else weight,
+                                 per_channel and quantized, **shape))
     return table
 
 
@@ -256,9 +292,9 @@ def stage_reach(features: dict[str, Any]) -> list[float]:
 def aggregate_names() -> tuple[str, ...]:
     """Names of the numbers :func:`aggregate` returns, in a fixed order."""
     names = ["intercept", "stage_calls"]
-    names += [f"macs:{p}:{k}" for p in PRECISIONS for k in KINDS]
-    names += [f"bytes:{p}" for p in PRECISIONS] + [f"layers:{p}" for p in PRECISIONS]
-    names += [f"macs_kind:{k}" for k in KINDS]
+    names += [f"macs:{a}:{k}" for a in ARITHMETIC for k in KINDS]
+    names += [f"bytes:{a}" for a in ARITHMETIC] + [f"layers:{a}" for a in ARITHMETIC]
+    names += ["macs:per_channel"] + [f"macs_kind:{k}" for k in KINDS]
     names += ["macs", "bytes", "layers", "plain_macs", "size_bytes", "threads", "stages",
               "mean_out_channels", "min_out_channels"]
     return tuple(names + [f"exit_rate:{k}" for k in range(MAX_EXITS)])
@@ -275,9 +311,11 @@ def aggregate(features: dict[str, Any]) -> dict[str, float]:
     channels = []
     for row in features["layers"]:
         weight = reach[int(row.get("stage", 0))]
-        precision, kind = row["precision"], kind_group(row["kind"])
-        for name, amount in ((f"macs:{precision}:{kind}", row["macs"]),
-                             (f"bytes:{precision}", row["bytes"]), (f"layers:{precision}", 1),
+        arithmetic, kind = row["arithmetic"], kind_group(row["kind"])
+        per_channel = row["macs"] if row["per_channel"] else 0
+        for name, amount in ((f"macs:{arithmetic}:{kind}", row["macs"]),
+                             (f"bytes:{arithmetic}", row["bytes"]), (f"layers:{arithmetic}", 1),
+                             ("macs:per_channel", per_channel),
                              (f"macs_kind:{kind}", row["macs"]), ("macs", row["macs"]),
                              ("bytes", row["bytes"]), ("layers", 1)):
             values[name] += weight * float(amount)
@@ -310,6 +348,8 @@ def check_features(features: Any, origin: str = "features") -> None:
         raise DataError(f"{origin}: latency features lack {', '.join(missing)}; measure the "
                         f"configuration again")
     for row in features["layers"]:
-        if row.get("precision") not in ELEMENT_BYTES or not math.isfinite(float(row["macs"])):
+        if row.get("precision") not in ELEMENT_BYTES or not math.isfinite(float(row["macs"])) \
+                or row.get("arithmetic") not in ARITHMETIC:
             raise DataError(f"{origin}: layer {row.get('name')!r} has precision "
-                            f"{row.get('precision')!r}; known: {', '.join(PRECISIONS)}")
+                            f"{row.get('precision')!r}, arithmetic {row.get('arithmetic')!r}; "
+                            f"known: {', '.join(PRECISIONS)} / {', '.join(ARITHMETIC)}")

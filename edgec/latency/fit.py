@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import ConfigError, DataError
-from edgec.latency.features import KINDS, PRECISIONS, aggregate, aggregate_names
+from edgec.latency.features import ARITHMETIC, KINDS, aggregate, aggregate_names
 from edgec.latency.model import (
     CANDIDATES,
     COVERAGE_COLUMNS,
@@ -30,8 +30,8 @@ from edgec.latency.model import (
 MIN_CONFIGURATIONS = 4  # distinct configurations a key needs to be fit (leave-one-out needs 3+)
 MIN_BOOSTED = 8  # below this many configurations only the additive model is a candidate
 ADDITIVE_COLUMNS = ("intercept", "stage_calls",
-                    *(f"macs:{p}:{k}" for p in PRECISIONS for k in KINDS),
-                    *(f"bytes:{p}" for p in PRECISIONS), *(f"layers:{p}" for p in PRECISIONS))
+                    *(f"macs:{a}:{k}" for a in ARITHMETIC for k in KINDS), "macs:per_channel",
+                    *(f"bytes:{a}" for a in ARITHMETIC), *(f"layers:{a}" for a in ARITHMETIC))
 BOOSTED_PARAMS = {"max_iter": 40, "learning_rate": 0.2, "max_leaf_nodes": 8,
                   "min_samples_leaf": 3, "l2_regularization": 0.0, "early_stopping": False,
                   "random_state": 0}
@@ -151,6 +151,22 @@ def _training_set(samples: list[LatencySample], key: LatencyKey):
                         f"measure more on {key.device} (edgec profile / edgec build --device)")
     rows = [aggregate(s.features) for s in samples]
     return rows, np.array([s.latency_ms for s in samples], dtype=np.float64), groups
+
+
+def hold_out(samples: list[LatencySample], count: int, seed: int = 0
+             ) -> tuple[list[LatencySample], list[LatencySample]]:
+    """(training samples, held-out samples): ``count`` configurations drawn with ``seed``, every
+    measurement of a drawn configuration held out with it."""
+    import random
+
+    ids = list(dict.fromkeys(configuration_id(s.features) for s in samples))
+    if count >= len(ids) - MIN_CONFIGURATIONS + 1:
+        raise DataError(f"cannot hold out {count} of {len(ids)} configurations and fit on at "
+                        f"least {MIN_CONFIGURATIONS}; measure more or hold out fewer")
+    held = set(random.Random(seed).sample(ids, count))
+    chosen = [configuration_id(s.features) in held for s in samples]
+    return ([s for s, out in zip(samples, chosen) if not out],
+            [s for s, out in zip(samples, chosen) if out])
 
 
 def evaluate(model: LatencyModel, samples: list[LatencySample],

@@ -5,10 +5,12 @@ governor): a latency measured under one of these says little about another. Two 
 fit (edgec.latency.fit) and the one with the lower leave-one-configuration-out median absolute
 percentage error is chosen:
 
-* ``additive``: latency ≈ c0 + c_stage·stage calls + Σ_layers (a_prec,kind·MACs + b_prec·bytes
-  + d_prec), every coefficient ≥ 0, fit by non-negative least squares on relative error (rows
-  divided by the measured latency, columns scaled to at most 1). Layer sums are expected values
-  per inference: a layer of an early-exit stage counts with the probability that its stage runs.
+* ``additive``: latency ≈ c0 + c_stage·stage calls + Σ_layers (a_arith,kind·MACs
+  + b_arith·bytes + d_arith) + e·per-channel MACs, every coefficient ≥ 0, fit by non-negative
+  least squares on relative error (rows divided by the measured latency, columns scaled to at
+  most 1); ``arith`` is the layer's arithmetic (fp32, or an int8 kernel such as u8s8: see
+  edgec.latency.features). Layer sums are expected values per inference: a layer of an
+  early-exit stage counts with the probability that its stage runs.
 * ``boosted``: scikit-learn's HistGradientBoostingRegressor on the per-model aggregates
   (:func:`edgec.latency.features.aggregate`), on log latency, fixed random_state. Its trees are
   exported node by node into the JSON and evaluated here with numpy, as sklearn evaluates raw
@@ -33,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import ConfigError, DataError
-from edgec.latency.features import FEATURES_FORMAT, KINDS, PRECISIONS, aggregate
+from edgec.latency.features import ARITHMETIC, FEATURES_FORMAT, KINDS, aggregate
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2
 CANDIDATES = ("additive", "boosted")
-COVERAGE_COLUMNS = tuple(f"macs:{p}:{k}" for p in PRECISIONS for k in KINDS)
+COVERAGE_COLUMNS = tuple(f"macs:{a}:{k}" for a in ARITHMETIC for k in KINDS)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ class LatencyModel:
     configurations: int
     profile_set: str
     loo: dict[str, dict[str, Any] | None]
-    seen: tuple[str, ...]  # precision:kind columns the profiles held layers of
+    seen: tuple[str, ...]  # arithmetic:kind columns the profiles held layers of
 
     def predict(self, features: dict[str, Any], key: LatencyKey) -> float:
         """Predicted mean latency (ms) of a configuration measured under ``key``; refuses a key
@@ -252,7 +254,7 @@ class LatencyModel:
                 f"{self.key.device}`")
 
     def unseen(self, features: dict[str, Any]) -> list[str]:
-        """Precision / kind pairs of these features that no profile of the fit held."""
+        """Arithmetic / kind pairs of these features that no profile of the fit held."""
         row = aggregate(features)
         return [c.removeprefix("macs:").replace(":", " ") for c in COVERAGE_COLUMNS
                 if row[c] > 0 and c not in self.seen]

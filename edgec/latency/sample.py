@@ -7,7 +7,8 @@ calibrated on a few images; the result is compiled for the target, measured on t
 the search's protocol (:class:`edgec.measure.MeasureSpec`) and recorded in ProfileDB with its
 features (:func:`edgec.latency.features.artifact_features`) and the configuration it came from.
 A configuration already recorded for the device, model and protocol is skipped, so an
-interrupted ``edgec latency sample`` resumes where it stopped.
+interrupted ``edgec latency sample`` resumes where it stopped; one recorded with features of an
+older format is measured again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgec.errors import PassError
+from edgec.latency.features import FEATURES_FORMAT
 from edgec.measure import MeasureSpec
 
 CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # MAC fractions removed
@@ -126,7 +128,8 @@ def _recorded(database, device: str, model: str) -> set[str]:
     found = set()
     for record in database.records(device):
         sample = record.get("sample")
-        if sample and record.get("model") == model:
+        current = (record.get("features") or {}).get("format") == FEATURES_FORMAT
+        if sample and record.get("model") == model and current:  # older features: again
             spec = MeasureSpec(**{k: v for k, v in record["protocol"].items()
                                   if k in MeasureSpec.__dataclass_fields__})
             found.add(_protocol_key(SampleConfig(**sample), spec))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import DataError
-from edgec.latency.features import check_features
+from edgec.latency.features import FEATURES_FORMAT, check_features
 from edgec.latency.model import LatencyKey, LatencySample, runtime_label
 
 
@@ -32,10 +32,13 @@ def record_sample(record: dict[str, Any], origin: str) -> LatencySample:
     return LatencySample(record["features"], float(latency), origin)
 
 
-def samples_from_profiles(root: str | Path, device: str) -> dict[LatencyKey, list[LatencySample]]:
+def samples_from_profiles(root: str | Path, device: str, stale: list[str] | None = None
+                          ) -> dict[LatencyKey, list[LatencySample]]:
     """Samples of every record of ``device`` under ``root`` that carries ``features``, oldest
     file first, by key. Records without features (measured before they were recorded) are
-    skipped; a damaged line is a DataError naming the file and line."""
+    skipped, and so are those of an older features format (their origins appended to
+    ``stale``: ``edgec latency sample`` measures them again); a damaged line is a DataError
+    naming the file and line."""
     grouped: dict[LatencyKey, list[LatencySample]] = {}
     for path in sorted((Path(root) / device).glob("*.jsonl")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -43,9 +46,17 @@ def samples_from_profiles(root: str | Path, device: str) -> dict[LatencyKey, lis
             record = _parse(line, origin)
             if record is None or "features" not in record:
                 continue
+            if _older(record["features"]):
+                (stale if stale is not None else []).append(origin)
+                continue
             sample = record_sample(record, origin)
             grouped.setdefault(record_key(record, device), []).append(sample)
     return grouped
+
+
+def _older(features: Any) -> bool:
+    found = features.get("format") if isinstance(features, dict) else None
+    return isinstance(found, int) and 1 <= found < FEATURES_FORMAT
 
 
 def _parse(line: str, origin: str) -> dict[str, Any] | None:

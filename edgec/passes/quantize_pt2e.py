@@ -50,7 +50,8 @@ class QuantizePt2ePass:
         calibration = ctx.calibration.head(params.calibration_count)
         # the lowered graph has no Conv2d modules left: the latency model's layer table
         # (edgec.latency.features) is read from the float model it quantizes
-        layers = layer_table_from_torch(artifact.payload, ctx.input_spec, precision="int8")
+        layers = layer_table_from_torch(artifact.payload, ctx.input_spec, precision="int8",
+                                        per_channel=params.per_channel)
         model = quantize_int8_pt2e(artifact.payload,
                                    to_batches(calibration, ctx.input_spec, params.batch),
                                    params.per_channel)
