@@ -51,16 +51,24 @@ def pick_row(model_path: Path, study: str, storage: str | None, workdir: Path,
     return row
 
 
+def study_model(study: str, storage: str | None) -> Path:
+    """The model TOML the study searched (relative paths from the repository root)."""
+    model = load_pick(study, storage).model
+    if model is None:
+        raise SystemExit(f"study {study!r} does not record its model; give --model")
+    return model if model.is_absolute() else ROOT / model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path,
-                        default=ROOT / "examples" / "resnet20_cifar10" / "model.toml")
+    parser.add_argument("--model", type=Path, help="the model TOML (default: the study's)")
     parser.add_argument("--study", required=True, help="the `edgec search` study to compare")
     parser.add_argument("--storage", help="its storage URL (default: the search's default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--also", type=int, action="append", default=[],
                         help="another trial of the study to compare (repeatable)")
     args = parser.parse_args()
+    args.model = args.model or study_model(args.study, args.storage)
     config, model, macs, calibration, evaluation, test_npz = load_config_and_data(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -6,6 +6,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class BuildRequest:
     cache: bool = True  # look steps, evaluations and measurements up in the cache (edgec.cache)
     evaluate: bool = True  # top-1 on the evaluation split here (a search skips it: see search)
     recheck: bool = True  # the budget's re-check now (a search defers it to :func:`recheck`)
+    # called with the finished artifact folder and manifest before profiling: False skips the
+    # measurement (a search measuring only promising trials: edgec.search.predict)
+    profile_when: Callable[[Path, dict[str, Any]], bool] | None = None
 
 
 DISAGREEMENT_POINTS = 0.1  # host and device top-1 further apart than this: the build says so
@@ -412,7 +416,9 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
                 manifest["warnings"] = _accuracy_warnings(manifest)
                 write_json(tmp / "manifest.json", manifest)
             latency = None
-            if request.profile and (on_host or request.device != "local"):
+            profile = request.profile and (on_host or request.device != "local") and (
+                request.profile_when is None or request.profile_when(tmp, manifest))
+            if profile:
                 progress(f"profiling on {profiler.name}")
                 latency = cached_measure(ctx.cache, profiler, tmp, _measure_spec(
                     request.measure, manifest, eval_npz, request.device), manifest, cpu)
@@ -420,7 +426,7 @@ def _write_build(built, config, target, pipeline, request, eval_npz, device, ref
                 write_json(tmp / "profile.json", {"device": profiler.name, **latency.summary()})
             rows = _built_rows(manifest, pipeline, latency, profiler.name, eval_npz, target)
             efficiency = None
-            if request.profile and request.device == "local":
+            if profile and request.device == "local":
                 from edgec.analysis import artifact_efficiency
 
                 efficiency = artifact_efficiency(tmp, manifest)

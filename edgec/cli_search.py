@@ -60,6 +60,12 @@ def search(
                                            "fine-tuned in full)"),
     promote: int = typer.Option(1, help="screened trials rebuilt with the full fine-tune at the "
                                         "end: the fastest inside the budget that could win"),
+    latency_model: Path = typer.Option(None, help="a latency model (`edgec latency fit`) that "
+                                                  "predicts every trial's latency"),
+    measure_trials: str = typer.Option(None, help="with --latency-model: all, promising (only "
+                                                  "trials that may win go to the board) or none "
+                                                  "(every latency predicted; the default with "
+                                                  "no board)"),
     out: Path = typer.Option(None, help="folder of the report, the study's SQLite file and the "
                                         "artifacts (default: search/STUDY)"),
     repeat: int = typer.Option(50, help="minimum timed runs per latency measurement"),
@@ -87,7 +93,8 @@ def search(
             tuple(backend or ()),
             {**parse_overrides(set_ or []), **({"budget.holdout": holdout} if holdout else {})},
             MeasureSpec(repeat=repeat, min_time_s=min_time, threads=threads), out, seed, data,
-            view=view, recheck=recheck, eval_count=eval_count, screen=screen, promote=promote)
+            view=view, recheck=recheck, eval_count=eval_count, screen=screen, promote=promote,
+            latency_model=latency_model, measure_trials=measure_trials)
         outcome = _run_live(request, lambda request, show: run_search(request, workers, show))
     except EdgecError as exc:
         fail(exc)

@@ -60,10 +60,11 @@ class Remeasure:
     rounds: int = 4
 
 
-def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
+def choose(records, front: tuple[int, ...], again: Remeasure | None = Remeasure(),
            progress: Callable[[str], None] = lambda message: None) -> Pick | None:
     """The fastest feasible trial (:class:`edgec.search.study.TrialRecord`) on ``front`` (trial
-    numbers); None when no trial is feasible."""
+    numbers); None when no trial is feasible. ``again`` None: the latencies were predicted
+    (edgec.search.predict), there is nothing to re-measure."""
     feasible = sorted((r for r in records if r.number in front and r.feasible),
                       key=lambda r: r.latency_ms)
     ranked = [r for r in feasible if rechecked(r)]
@@ -75,7 +76,8 @@ def choose(records, front: tuple[int, ...], again: Remeasure = Remeasure(),
         return None
     first = ranked[0]
     distinct = list({r.attrs["manifest_hash"]: r for r in reversed(ranked)}.values())[::-1]
-    rivals = [r for r in distinct[1:] if overlap(first, r) or drift_may_explain(first, r)]
+    rivals = [r for r in distinct[1:] if again is not None
+              and (overlap(first, r) or drift_may_explain(first, r))]
     if len(distinct) == 1:
         return Pick(first, "the only distinct artifact on the feasible front that passed the "
                            "re-check" + refused)

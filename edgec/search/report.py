@@ -20,9 +20,10 @@ TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check d
                  "latency ms (mean ± CI95)", "p50 ms", "size KiB", "cache", "s", "status")
 LOG_SPREAD = 20  # the slowest trial this many times the fastest: latency on a log axis
 COLOURS = {"trial": "#9a9a9a", "infeasible": "#d62728", "front": "#1f77b4", "pick": "#ff9f1c",
-           "baseline": "#2ca02c", "screened": "#c5b0d5"}
+           "baseline": "#2ca02c", "screened": "#c5b0d5", "predicted": "#bcbd22"}
 LEGEND = {"trial": "feasible, dominated", "infeasible": "over the budget",
           "screened": "screened (short fine-tune; never picked)",
+          "predicted": "predicted, not measured (never picked)",
           "front": "Pareto front (latency, top-1, size)"}
 
 
@@ -47,7 +48,7 @@ def pareto_chart(outcome) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    done = [r for r in outcome.records if r.measured and r.counts]
+    done = [r for r in outcome.records if r.scored and r.counts]
     figure, axes = plt.subplots(figsize=(8.5, 5.5))
     if done:
         _plot_trials(axes, done, outcome)
@@ -74,8 +75,9 @@ def pareto_chart(outcome) -> bytes:
 def _plot_trials(axes, done, outcome) -> None:
     labelled = set()
     for record in done:
-        kind = "screened" if record.screened else ("front" if record.number in outcome.front
-                                                   else "trial") if record.feasible else "infeasible"
+        kind = "predicted" if record.state == "predicted" else "screened" if record.screened \
+            else ("front" if record.number in outcome.front else "trial") if record.feasible \
+            else "infeasible"
         label = None if kind in labelled else LEGEND[kind]
         labelled.add(kind)
         axes.errorbar(record.latency_ms, record.heldout_top1, xerr=record.ci95_ms, fmt="o",
@@ -121,7 +123,7 @@ def _row(record, outcome) -> tuple[str, ...]:
         status = "interrupted: its process stopped (killed?); queued again"
     if "retry_of" in record.attrs:
         status += f" (runs trial {record.attrs['retry_of']} again)"
-    if not record.measured or "repeat_of" in record.attrs:
+    if not record.scored or "repeat_of" in record.attrs:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
                 "-", _seconds(record), status)
     test, again = record.attrs.get("test_top1"), record.attrs.get("recheck_drop")
@@ -130,9 +132,17 @@ def _row(record, outcome) -> tuple[str, ...]:
     return (str(record.number), config, ", ".join(marks), f"{record.heldout_top1:.2f}",
             f"{record.attrs['heldout_drop']:.2f}", "-" if again is None else f"{again:.2f}",
             "-" if test is None else f"{test:.2f}",
-            f"{record.latency_ms:.4g} ± {record.ci95_ms:.2g}",
-            f"{record.attrs['latency_p50_ms']:.4g}", f"{record.size_bytes / 1024:.1f}",
-            _cache(record), _seconds(record), status)
+            _latency(record), f"{record.attrs['latency_p50_ms']:.4g}",
+            f"{record.size_bytes / 1024:.1f}", _cache(record), _seconds(record), status)
+
+
+def _latency(record) -> str:
+    """'0.25 ± 0.002', '0.25 ± 0.03 predicted', or the measured one and what the model said."""
+    text = f"{record.latency_ms:.4g} ± {record.ci95_ms:.2g}"
+    predicted = record.attrs.get("predicted_ms")
+    if record.attrs.get("latency_source") == "predicted":
+        return text + " predicted"
+    return text + (f" (predicted {predicted:.4g})" if predicted is not None else "")
 
 
 def _cache(record) -> str:
@@ -168,6 +178,24 @@ def time_split(records) -> str:
             + (f" ({parts})" if parts else ""))
 
 
+def model_line(outcome) -> str:
+    """How many trials the board measured, and the latency model's error on them."""
+    from edgec.search.predict import predicted_vs_measured
+
+    plan = outcome.plan
+    built = [r for r in outcome.records if r.scored and r.counts]
+    measured = [r for r in built if r.attrs.get("latency_source", "measured") == "measured"]
+    line = (f"latency model `{plan.predictor.path}` ({plan.measure_trials}): {len(measured)} of "
+            f"{len(built)} trials measured ({len(measured) / max(len(built), 1):.0%})")
+    errors = predicted_vs_measured(outcome.records)
+    if errors is None:
+        return line + "; nothing both predicted and measured"
+    tau = errors["kendall_tau"]
+    return (line + f"; predicted against measured on {errors['n']}: median error "
+            f"{errors['median_ape']:.1%}, MAPE {errors['mape']:.1%}, within ±10 % "
+            f"{errors['within_10']:.0%}, Kendall τ {'-' if tau is None else f'{tau:.2f}'}")
+
+
 def summary_lines(outcome) -> list[str]:
     """What the search was, what it found and how to rebuild the pick."""
     plan, request = outcome.plan, outcome.plan.request
@@ -180,6 +208,8 @@ def summary_lines(outcome) -> list[str]:
              f"on images nothing chose on; the test split's top-1 is reported only"]
     lines += [f"not searched: {name} ({why})" for name, why in plan.skipped]
     lines.append(time_split(outcome.records))
+    if plan.predictor is not None:
+        lines.append(model_line(outcome))
     if outcome.pick is None:
         lines.append("no feasible trial: nothing picked (raise --budget or add trials)")
         return lines

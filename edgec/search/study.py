@@ -37,6 +37,7 @@ from typing import Any
 from edgec.errors import BudgetError, EdgecError, SearchError
 from edgec.measure import MeasureSpec
 from edgec.search.pick import feasible_front
+from edgec.search.predict import MeasureGate, Predictor, resolve_mode
 from edgec.search.storage import (
     Heartbeat,
     ask,
@@ -103,6 +104,8 @@ class SearchRequest:
     eval_count: int = 0  # test images the device evaluates per trial (0: all; for slow boards)
     screen: float = SCREEN_FRACTION  # share of the fine-tune epochs a trial is screened with
     promote: int = PROMOTE  # screened trials rebuilt with the full fine-tune at the end
+    latency_model: Path | None = None  # `edgec latency fit` file: see edgec.search.predict
+    measure_trials: str | None = None  # all | promising | none (None: by what can measure)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class SearchPlan:
     candidates: dict[str, Candidate]
     skipped: tuple[tuple[str, str], ...] = ()
     fixed: dict[str, Any] = field(default_factory=dict)  # overrides of every trial (budget.*)
+    predictor: Predictor | None = None  # the latency model, when the request gave one
+    measure_trials: str = "all"  # resolved: see edgec.search.predict
 
     @property
     def build_root(self) -> Path:
@@ -150,7 +155,7 @@ class TrialRecord:
     """A finished (or running) trial as the report and the pick read it."""
 
     number: int
-    state: str  # complete | failed | over budget | interrupted | running
+    state: str  # complete | screened | predicted | failed | over budget | interrupted | running
     values: tuple[float, ...] | None
     feasible: bool
     attrs: dict[str, Any]
@@ -184,6 +189,11 @@ class TrialRecord:
     def measured(self) -> bool:
         """Built and measured: complete, or screened."""
         return self.state in ("complete", "screened")
+
+    @property
+    def scored(self) -> bool:
+        """Built with objective values: measured, or predicted by the latency model."""
+        return self.state in ("complete", "screened", "predicted")
 
     @property
     def within_budget(self) -> bool:
@@ -277,7 +287,15 @@ def plan_search(request: SearchRequest) -> SearchPlan:
     storage = request.storage or f"sqlite:///{out / f'{study}.db'}"
     fixed = {**budget_overrides(request, config), **request.overrides}
     candidates, skipped = _candidates(request, target, fixed)
-    return SearchPlan(request, study, out, storage, candidates, tuple(skipped), fixed)
+    predictor = None
+    if request.latency_model is not None:
+        board = request.device if request.device != "local" or target.runs_on_host \
+            else target.name
+        predictor = Predictor.load(request.latency_model, board, request.measure.threads)
+    mode = resolve_mode(request.measure_trials, predictor,
+                        request.device != "local" or target.runs_on_host)
+    return SearchPlan(request, study, out, storage, candidates, tuple(skipped), fixed,
+                      predictor, mode)
 
 
 def budget_overrides(request: SearchRequest, config) -> dict[str, Any]:
@@ -530,13 +548,15 @@ def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
     started = time.monotonic()
     _set_attrs(trial, _config_attrs(plan, config))
     phases = PhaseClock()
+    gate = measure_gate(plan, config, trial_records(study)) if plan.predictor else None
+    request = build_request(plan, config)
     try:
-        result = build(build_request(plan, config), phases.wrap(progress))
+        result = build(replace(request, profile_when=gate), phases.wrap(progress))
         trial.set_user_attr("phases_s", phases.totals())
-        values, drop = _objectives(trial, result)
+        values, drop = _objectives(trial, result, gate)
         trial.set_constraint(CONSTRAINT, drop - result.manifest["budget"]["points"])
         trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
-        trial.set_user_attr("status", "screened" if config.fidelity < 1 else "complete")
+        trial.set_user_attr("status", _built_status(plan, config, result))
         study.tell(trial, values)
     except BudgetError as exc:
         _fail(study, trial, started, "over budget", f"{type(exc).__name__}: {exc}")
@@ -583,7 +603,7 @@ def tell_repeat(study, trial, config: TrialConfig, plan: SearchPlan,
               if k not in ("seconds", "baseline", "phases_s")}
     _set_attrs(trial, {**copied, **_config_attrs(plan, config), "repeat_of": earlier.number,
                        "seconds": 0.0})
-    if not earlier.measured:
+    if not earlier.scored:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
     trial.set_constraint(CONSTRAINT, earlier.attrs["heldout_drop"] - earlier.attrs["budget_points"])
@@ -635,12 +655,36 @@ def _config_attrs(plan: SearchPlan, config: TrialConfig) -> dict[str, Any]:
             "baseline": config.baseline, "fidelity": config.fidelity}
 
 
-def _objectives(trial, result) -> tuple[tuple[float, float, int], float]:
-    """Store what the trial measured in its user attributes; (objective values, held-out drop)."""
+def _built_status(plan: SearchPlan, config: TrialConfig, result) -> str:
+    """complete or screened; ``predicted`` for a trial the latency model kept off the board
+    (in a search that measures: it is never picked)."""
+    if result.rows[1].latency is None and plan.measure_trials != "none":
+        return "predicted"
+    return "screened" if config.fidelity < 1 else "complete"
+
+
+def measure_gate(plan: SearchPlan, config: TrialConfig, records: tuple[TrialRecord, ...]
+                 ) -> MeasureGate:
+    """The build's ``profile_when`` for one trial (edgec.search.predict.MeasureGate)."""
+    best = best_so_far(records)
+    passed_over = sum(bool(r.attrs.get("passed_over")) and r.counts for r in records)
+    return MeasureGate(plan.predictor, plan.measure_trials, config.baseline,
+                       None if best is None else best.latency_ms, passed_over)
+
+
+def _objectives(trial, result, gate: MeasureGate | None = None
+                ) -> tuple[tuple[float, float, int], float]:
+    """Store what the trial measured (or what the latency model predicted, see ``gate``) in its
+    user attributes; (objective values, held-out drop)."""
     manifest, latency = result.manifest, result.rows[1].latency
+    if gate is not None:
+        _set_attrs(trial, gate.attrs())
+        if latency is None:
+            latency = gate.as_measurement()
     if latency is None:
         raise SearchError("the build measured no latency (the target's code does not run here "
-                          "and no --device was given)")
+                          "and no --device was given; a latency model predicts instead: "
+                          "--latency-model FILE)")
     ledger = manifest["budget"]
     heldout = ledger["reference_top1"] - ledger["spent"]
     test = manifest.get("accuracy", {}).get("top1")
@@ -649,6 +693,7 @@ def _objectives(trial, result) -> tuple[tuple[float, float, int], float]:
         "artifact": str(result.directory), "manifest_hash": manifest["hash"],
         "latency_mean_ms": latency.mean, "latency_ci95_ms": latency.ci95,
         "latency_p50_ms": latency.p50, "latency_from_cache": bool(latency.extra.get("from_cache")),
+        "latency_source": latency.extra.get("source", "measured"),
         "heldout_top1": round(heldout, 4), "heldout_drop": ledger["spent"],
         "reference_top1": ledger["reference_top1"], "budget_points": ledger["points"],
         "recheck_drop": recheck.get("drop"), "recheck_images": recheck.get("images"),
@@ -788,13 +833,17 @@ def conclude(study, plan: SearchPlan, records: tuple[TrialRecord, ...], status: 
 
     request = plan.request
     front = front_numbers(records)
-    again = Remeasure(request.device, request.measure, request.remeasure_rounds)
+    again = Remeasure(request.device, request.measure, request.remeasure_rounds) \
+        if plan.measure_trials != "none" else None
     def step(message: str) -> None:
         on_status(replace(status, step=message, finished=None))
 
     records = with_rechecks(records, front, lambda record: recheck_trial(study, plan, record,
                                                                         step))
     pick = choose(records, front, again, step)
+    if pick is not None and again is None:
+        pick = replace(pick, decision=f"predicted by the latency model, nothing measured: "
+                                      f"{pick.decision}")
     if pick is not None:
         pick = replace(pick, test_top1=test_top1(plan, pick.record, step))
     command = rebuild_command(plan, pick.record) if pick else ()
@@ -1053,6 +1102,7 @@ class StudyPick:
     overrides: dict[str, Any]
     target: str
     budget: float
+    model: Path | None = None  # the model TOML the study searched (as it was given)
 
 
 def default_storage(study: str) -> str:
@@ -1083,4 +1133,5 @@ def load_pick(study: str, storage: str | None = None, trial: int | None = None) 
     attrs = loaded.trials[number].user_attrs
     backend = attrs["backend"] if attrs["backend"] != AUTO_BACKEND else None
     return StudyPick(study, number, attrs["recipe_ref"], backend, dict(attrs["overrides"]),
-                     request.get("target", "local"), float(request.get("budget", 1.0)))
+                     request.get("target", "local"), float(request.get("budget", 1.0)),
+                     Path(request["model"]) if request.get("model") else None)
