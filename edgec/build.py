@@ -63,6 +63,7 @@ class BuildRequest:
     cache: bool = True  # look steps, evaluations and measurements up in the cache (edgec.cache)
     evaluate: bool = True  # top-1 on the evaluation split here (a search skips it: see search)
     recheck: bool = True  # the budget's re-check now (a search defers it to :func:`recheck`)
+    reference: bool = True  # time the plain fp32 export for the table (a search has it as a trial)
     # called with the finished artifact folder and manifest before profiling: False skips the
     # measurement (a search measuring only promising trials: edgec.search.predict)
     profile_when: Callable[[Path, dict[str, Any]], bool] | None = None
@@ -359,7 +360,7 @@ def _reference_row(source, float_top1, ctx, target, eval_npz, device, request) -
     takes_onnx = any(BACKENDS[name].consumes == "onnx" for name in target.backends
                      if name in BACKENDS)  # an hls4ml-only target has no ONNX runtime to time
     top1_on = f"{_where('local', target)}, PyTorch" if float_top1 is not None else ""
-    if source.stage != "torch" or not request.profile or not takes_onnx:
+    if source.stage != "torch" or not (request.profile and request.reference) or not takes_onnx:
         return Row("fp32", float_top1 or float("nan"), 0, None, top1_on)
     exported = Pipeline([Step(ExportPass(), ExportParams())], "fp32").run(
         source, replace(ctx, ledger=None, progress=lambda message: None))  # not the recipe's

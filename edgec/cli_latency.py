@@ -85,7 +85,7 @@ def fit_device(device: str, profiles: Path, holdout: int = 0) -> list[tuple]:
 
 def held_out_line(report: dict) -> str:
     tau = report["kendall_tau"]
-    return (f"held out: {report['n']} measurements, MAPE {_percent(report['mape'])}, median "
+    return (f"held out: {report['n']} configurations, MAPE {_percent(report['mape'])}, median "
             f"{_percent(report['median_ape'])}, within ±10 % {_percent(report['within_10'])}, "
             f"Kendall τ {'-' if tau is None else f'{tau:.3f}'}")
 
@@ -162,6 +162,8 @@ def sample_command(
     min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
     profiles: Path = typer.Option(Path("profiles"), help="profile database folder"),
     seed: int = typer.Option(0, help="the order the grid is drawn in"),
+    rounds: int = typer.Option(1, help="measurements per configuration, in interleaved rounds "
+                                       "(the fit compares predictions with their mean)"),
 ):
     """Measure N configurations (MAC cuts x channel multiples x int8 schemes x threads) built
     without training and record them with their features; resumes where it stopped."""
@@ -169,13 +171,14 @@ def sample_command(
     from edgec.measure import MeasureSpec
 
     request = SampleRequest(model, device, target, n, tuple(multiple), tuple(threads),
-                            MeasureSpec(repeat=repeat, min_time_s=min_time), profiles, seed)
+                            MeasureSpec(repeat=repeat, min_time_s=min_time), profiles, seed,
+                            rounds)
     try:
         outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
                                                                    markup=False))
     except EdgecError as exc:
         fail(exc)
-    console.print(f"measured {len(outcome.measured)} configuration(s), {len(outcome.skipped)} "
+    console.print(f"made {len(outcome.measured)} measurement(s), {len(outcome.skipped)} "
                   f"found in {profiles}/{device}, {len(outcome.unbuildable)} not buildable; fit "
                   f"with `edgec latency fit --device {device}`",
                   highlight=False, markup=False, soft_wrap=True)

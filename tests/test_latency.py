@@ -377,7 +377,9 @@ def test_samples_from_profiles_group_records_by_key(tables, tmp_path):
     older = {**int8, "format": FEATURES_FORMAT - 1}  # an earlier edgec's: measured again
     (folder / "2025-01-03.jsonl").write_text(record(older, 1.0) + "\n")
     stale: list[str] = []
-    assert samples_from_profiles(tmp_path / "profiles", "pi", stale) == {}
+    again = samples_from_profiles(tmp_path / "profiles", "pi", stale)
+    assert {k: [s.latency_ms for s in v] for k, v in again.items()} == \
+        {k: [s.latency_ms for s in v] for k, v in grouped.items()}  # the older one left out
     assert stale == [f"{folder / '2025-01-03.jsonl'}:1"]
 
 
@@ -423,7 +425,7 @@ def test_cli_fits_every_key_of_a_device_and_predicts_an_artifact(tables, artifac
     held = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "4"])
     assert held.exit_code == 0, held.output
     assert "8 samples, 8 configurations" in held.output  # fit without the 4 held out
-    assert "held out: 4 measurements, MAPE" in held.output and "Kendall τ" in held.output
+    assert "held out: 4 configurations, MAPE" in held.output and "Kendall τ" in held.output
     too_many = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "10"])
     assert too_many.exit_code == 2 and "cannot hold out 10 of 12" in too_many.output
 
@@ -466,5 +468,8 @@ def test_sample_measures_structures_records_features_and_resumes(tmp_path):
         assert arithmetic == {record["sample"]["scheme"][:4]}
     again = run_sample(request)
     assert not again.measured and len(again.skipped) == len(first.measured)
+    twice = run_sample(replace(request, rounds=2))  # one more round: each measured once more
+    assert sorted(map(str, twice.measured)) == sorted(map(str, first.measured))
+    assert not run_sample(replace(request, rounds=2)).measured
     grouped = samples_from_profiles(tmp_path / "profiles", "local")
-    assert sum(len(samples) for samples in grouped.values()) == len(records)
+    assert sum(len(samples) for samples in grouped.values()) == 2 * len(records)

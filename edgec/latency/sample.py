@@ -70,11 +70,13 @@ class SampleRequest:
     measure: MeasureSpec = MeasureSpec()
     profiles: Path = Path("profiles")
     seed: int = 0
+    rounds: int = 1  # measurements per configuration, in interleaved rounds over all of them
 
 
 @dataclass(frozen=True)
 class SampleOutcome:
-    """Per configuration: measured now, or found in the profile database."""
+    """What a run did: each measurement made now (a configuration once per round), the
+    configurations found in the profile database, those the model cannot be cut to."""
 
     measured: tuple[SampleConfig, ...]
     skipped: tuple[SampleConfig, ...]
@@ -100,19 +102,24 @@ def run_sample(request: SampleRequest,
     try:
         done = _recorded(database, device.name, config.name)
         configs = sample_configs(request.count, request.multiples, request.threads, request.seed)
-        for index, sample in enumerate(configs):
-            spec = replace(request.measure, threads=sample.threads)
-            if _protocol_key(sample, spec) in done:
-                skipped.append(sample)
-                continue
-            progress(f"sample {index + 1} of {len(configs)}: {sample.key()}")
-            try:
-                _measure_one(sample, spec, model, config, target, calibration, device, database)
-            except PassError as exc:  # not a structure of this model: the others still count
-                progress(f"  not buildable: {exc}")
-                unbuildable.append((sample, str(exc)))
-                continue
-            measured.append(sample)
+        for round_ in range(request.rounds):  # a slow spell of the board hits every one alike
+            for index, sample in enumerate(configs):
+                spec = replace(request.measure, threads=sample.threads)
+                if done.get(_protocol_key(sample, spec), 0) > round_:
+                    skipped += [sample] if round_ == 0 else []
+                    continue
+                if any(sample == failed for failed, _ in unbuildable):
+                    continue
+                progress(f"round {round_ + 1} of {request.rounds}, sample {index + 1} of "
+                         f"{len(configs)}: {sample.key()}")
+                try:
+                    _measure_one(sample, spec, model, config, target, calibration, device,
+                                 database)
+                except PassError as exc:  # not a structure of this model: the others count
+                    progress(f"  not buildable: {exc}")
+                    unbuildable.append((sample, str(exc)))
+                    continue
+                measured.append(sample)
     finally:
         getattr(device, "close", lambda: None)()
     return SampleOutcome(tuple(measured), tuple(skipped), tuple(unbuildable))
@@ -123,16 +130,18 @@ def _protocol_key(sample: SampleConfig, spec: MeasureSpec) -> str:
     return f"{sample.key()} {sorted(protocol.items())}"
 
 
-def _recorded(database, device: str, model: str) -> set[str]:
-    """The sample configurations (with their protocols) the database holds for this model."""
-    found = set()
+def _recorded(database, device: str, model: str) -> dict[str, int]:
+    """How many times the database holds each sample configuration (with its protocol) of
+    this model."""
+    found: dict[str, int] = {}
     for record in database.records(device):
         sample = record.get("sample")
         current = (record.get("features") or {}).get("format") == FEATURES_FORMAT
         if sample and record.get("model") == model and current:  # older features: again
             spec = MeasureSpec(**{k: v for k, v in record["protocol"].items()
                                   if k in MeasureSpec.__dataclass_fields__})
-            found.add(_protocol_key(SampleConfig(**sample), spec))
+            key = _protocol_key(SampleConfig(**sample), spec)
+            found[key] = found.get(key, 0) + 1
     return found
 
 

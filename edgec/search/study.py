@@ -535,8 +535,8 @@ def build_request(plan: SearchPlan, config: TrialConfig):
                         backend=None if config.backend == AUTO_BACKEND else config.backend,
                         overrides=overrides,
                         budget=overrides.get("budget.points", request.budget),
-                        eval_count=request.eval_count,
-                        evaluate=False, recheck=False)  # the pick's: at the end
+                        eval_count=request.eval_count, evaluate=False, recheck=False,
+                        reference=False)  # the pick's evaluation and re-check: at the end
 
 
 def run_trial(study, trial, config: TrialConfig, plan: SearchPlan,
