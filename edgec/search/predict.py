@@ -19,7 +19,7 @@ board.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +77,17 @@ class Predictor:
         return Prediction(latency, float(error), f"{model.chosen} model of {model.key.describe()}")
 
 
+    def try_predict(self, directory: Path) -> tuple[Prediction | None, str]:
+        """(prediction, '') or (None, why not): a trial the model cannot predict is measured."""
+        try:
+            return self.predict(directory), ""
+        except EdgecError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
     def _key(self, model, directory: Path):
         """The model's key, with this host's runtime versions (the artifact's manifest records
         those it was built with) when the board is this host: a model fit on another
         onnxruntime refuses. A remote board's versions are known only once it runs something."""
-        from dataclasses import replace
-
         from edgec.latency.features import read_manifest
         from edgec.latency.model import runtime_label
 
@@ -146,7 +151,7 @@ class MeasureGate:
         self.why, self.skipped_within_budget = "", False
 
     def __call__(self, directory: Path, manifest: dict[str, Any]) -> bool:
-        self.prediction, failure = safe_predict(self.predictor, directory)
+        self.prediction, failure = self.predictor.try_predict(directory)
         if self.mode == "none":
             if self.prediction is None:
                 raise SearchError(f"the latency model cannot predict this trial ({failure}) "
@@ -203,14 +208,3 @@ def predicted_vs_measured(records) -> dict[str, Any] | None:
         return None
     predicted, measured = zip(*pairs)
     return error_metrics(list(predicted), list(measured))
-
-
-def safe_predict(predictor: Predictor | None, directory: Path) -> tuple[Prediction | None, str]:
-    """(prediction, '') or (None, why not) — a trial goes on measured when it cannot be
-    predicted."""
-    if predictor is None:
-        return None, ""
-    try:
-        return predictor.predict(directory), ""
-    except EdgecError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
