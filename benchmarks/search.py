@@ -10,6 +10,9 @@ the pick's stream-mean speed-up over plain ONNX Runtime int8 (u8/s8 per-channel)
 
     python -m edgec.cli search examples/resnet20_cifar10/model.toml --target local --study r20
     nice -n 10 python benchmarks/search.py --study r20 [--storage URL] [--rounds 3]
+
+``--versus STUDY`` adds another study's pick (same storage), e.g. a search of the same space
+screened by a latency model against the fully measured one; the last line gives their ratio.
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ PLAIN_ORT_INT8 = "ONNX Runtime int8 u8/s8 per-channel"
 
 
 def pick_row(model_path: Path, study: str, storage: str | None, workdir: Path,
-             base_macs: float, trial: int | None = None) -> Row:
+             base_macs: float, trial: int | None = None, named: bool = False) -> Row:
     """The study's pick (or its trial ``trial``) as a row (its recipe, backend, overrides and
-    budget; cached steps)."""
+    budget; cached steps); ``named``: the row names the study."""
     pick = load_pick(study, storage, trial)
-    what = "search pick" if trial is None else "search trial"
+    what = ("search pick" if trial is None else "search trial") + (f" of {study}" if named else "")
     row = edgec_row(model_path, pick.recipe, workdir, base_macs, f"{what} (trial "
                     f"{pick.trial}: {pick.recipe})", pick.overrides, target=pick.target,
                     backend=pick.backend, budget=pick.budget)
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--also", type=int, action="append", default=[],
                         help="another trial of the study to compare (repeatable)")
+    parser.add_argument("--versus", help="another study (same storage) whose pick to compare")
     args = parser.parse_args()
     args.model = args.model or study_model(args.study, args.storage)
     config, model, macs, calibration, evaluation, test_npz = load_config_and_data(args.model)
@@ -78,7 +82,10 @@ def main() -> None:
                 edgec_row(args.model, "int8", workdir, macs),
                 *(pick_row(args.model, args.study, args.storage, workdir, macs, trial)
                   for trial in args.also),
-                pick_row(args.model, args.study, args.storage, workdir, macs)]
+                *([pick_row(args.model, args.versus, args.storage, workdir, macs, named=True)]
+                  if args.versus else []),
+                pick_row(args.model, args.study, args.storage, workdir, macs,
+                         named=bool(args.versus))]
         measure(rows, test_npz, len(evaluation), args.rounds)
     print_table(config.name, len(evaluation), rows)
     plain = next(r for r in rows if r.name == PLAIN_ORT_INT8)
@@ -86,6 +93,10 @@ def main() -> None:
         print(f"{row.name} vs plain ONNX Runtime int8 (stream mean): "
               f"{plain.stream_mean / row.stream_mean:.2f}x faster, top-1 "
               f"{(row.top1 - plain.top1) * 100:+.2f} points")
+    if args.versus:
+        versus, pick = rows[-2], rows[-1]
+        print(f"pick of {args.versus} / pick of {args.study} (stream mean): "
+              f"{versus.stream_mean / pick.stream_mean:.3f}, p50 {versus.p50 / pick.p50:.3f}")
 
 
 if __name__ == "__main__":

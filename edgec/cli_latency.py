@@ -155,7 +155,10 @@ def sample_command(
     model: Path = typer.Option(..., help="model TOML (factory/checkpoint/input/data)"),
     device: str = typer.Option("local", help="device to measure on (devices/NAME.toml)"),
     target: str = typer.Option("local", help="target the configurations are compiled for"),
-    n: int = typer.Option(40, help="configurations in the sample (a larger n extends a smaller)"),
+    n: int = typer.Option(40, help="configurations per backend (a larger n extends a smaller)"),
+    backend: list[str] = typer.Option(["onnxruntime"], help="backends whose structures to "
+                                                            "sample (repeatable): onnxruntime, "
+                                                            "executorch"),
     multiple: list[int] = typer.Option([8, 16], help="channel multiples of pruned widths"),
     threads: list[int] = typer.Option([1], help="runtime threads (repeatable)"),
     repeat: int = typer.Option(50, help="minimum timed runs per measurement"),
@@ -165,14 +168,15 @@ def sample_command(
     rounds: int = typer.Option(1, help="measurements per configuration, in interleaved rounds "
                                        "(the fit compares predictions with their mean)"),
 ):
-    """Measure N configurations (MAC cuts x channel multiples x int8 schemes x threads) built
-    without training and record them with their features; resumes where it stopped."""
+    """Measure N configurations per backend (MAC cuts x channel multiples x int8 schemes x
+    threads) built without training and record them with their features; resumes where it
+    stopped."""
     from edgec.latency.sample import SampleRequest, run_sample
     from edgec.measure import MeasureSpec
 
     request = SampleRequest(model, device, target, n, tuple(multiple), tuple(threads),
                             MeasureSpec(repeat=repeat, min_time_s=min_time), profiles, seed,
-                            rounds)
+                            rounds, tuple(backend))
     try:
         outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
                                                                    markup=False))

@@ -473,3 +473,48 @@ def test_sample_measures_structures_records_features_and_resumes(tmp_path):
     assert not run_sample(replace(request, rounds=2)).measured
     grouped = samples_from_profiles(tmp_path / "profiles", "local")
     assert sum(len(samples) for samples in grouped.values()) == 2 * len(records)
+
+
+def test_sample_grids_extend_and_take_backends_in_turns():
+    from edgec.latency.sample import sample_configs
+
+    ort = sample_configs(30, (8, 16), (1,))
+    both = sample_configs(30, (8, 16), (1,), backends=("onnxruntime", "executorch"))
+    assert [c for c in both if c.backend == "onnxruntime"] == ort  # adding a backend keeps these
+    assert [c.backend for c in both[:4]] == ["onnxruntime", "executorch"] * 2
+    executorch = [c for c in both if c.backend == "executorch"]
+    assert {c.scheme for c in executorch} == {"s8s8"} and len(set(executorch)) == len(executorch)
+    assert len(executorch) == 22  # 1 unpruned + 5 cuts x 2 multiples, per channel or not
+    assert sample_configs(5, (8, 16), (1,)) == ort[:5]  # a larger n extends a smaller one
+    with pytest.raises(ConfigError, match="backend 'tvm' has no sampled structures"):
+        sample_configs(3, (8,), (1,), backends=("tvm",))
+
+
+def test_sample_builds_executorch_structures_and_refuses_a_target_without_the_backend(tmp_path):
+    """ExecuTorch configurations are PT2E-quantized .pte programs measured here; their records
+    carry the layer table of the structure, in XNNPACK's arithmetic, under their own key."""
+    from edgec.latency.sample import SampleRequest, run_sample
+    from edgec.measure import MeasureSpec
+    from edgec.profiles import ProfileDB
+    from tests.conftest import EXAMPLES
+
+    request = SampleRequest(EXAMPLES / "digits" / "model.toml", count=2, multiples=(4,),
+                            measure=MeasureSpec(repeat=10, min_time_s=0.02),
+                            profiles=tmp_path / "profiles",
+                            backends=("onnxruntime", "executorch"))
+    outcome = run_sample(request)
+    built = [c for c in outcome.measured if c.backend == "executorch"]
+    assert len(built) == 2 and not [c for c, _ in outcome.unbuildable if c.backend == "executorch"]
+    records = [r for r in ProfileDB(tmp_path / "profiles").records("local")
+               if r["sample"].get("backend") == "executorch"]
+    assert len(records) == 2
+    for record in records:
+        assert record["features"]["backend"] == "executorch"
+        assert "executorch" in record["build_versions"]
+        layers = record["features"]["layers"]
+        assert {layer["arithmetic"] for layer in layers} == {"s8s8"}
+        assert {layer["per_channel"] for layer in layers} == {record["sample"]["per_channel"]}
+    keys = {key.backend for key in samples_from_profiles(tmp_path / "profiles", "local")}
+    assert keys == {"onnxruntime", "executorch"}
+    with pytest.raises(ConfigError, match="target 'pynq-z2' has no backend onnxruntime"):
+        run_sample(replace(request, target="pynq-z2"))

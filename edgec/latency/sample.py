@@ -6,6 +6,10 @@ accuracy budget), BatchNorm folding, ONNX export and, unless fp32, int8 PTQ with
 calibrated on a few images; the result is compiled for the target, measured on the device with
 the search's protocol (:class:`edgec.measure.MeasureSpec`) and recorded in ProfileDB with its
 features (:func:`edgec.latency.features.artifact_features`) and the configuration it came from.
+Each backend has its own structures (:data:`BACKEND_SCHEMES`): ONNX Runtime's are ONNX models,
+quantized by the ``quantize`` pass with a forced scheme; ExecuTorch's are the torch model
+quantized by ``quantize_pt2e`` (XNNPACKQuantizer: signed int8 activations and weights, so
+``s8s8``) and lowered to a ``.pte``, as the mobile-int8 recipes build them.
 A configuration already recorded for the device, model and protocol is skipped, so an
 interrupted ``edgec latency sample`` resumes where it stopped; one recorded with features of an
 older format is measured again.
@@ -13,48 +17,64 @@ older format is measured again.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgec.errors import PassError
+from edgec.errors import ConfigError, PassError
 from edgec.latency.features import FEATURES_FORMAT
 from edgec.measure import MeasureSpec
 
 CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # MAC fractions removed
 SCHEMES = ("fp32", "u8s8", "u8u8", "s8s8", "s8s8-symmetric")
+# the structures each backend is sampled in: what edgec's recipes build for it
+BACKEND_SCHEMES = {"onnxruntime": SCHEMES, "executorch": ("s8s8",)}
 CALIBRATION_IMAGES = 64  # ranges for latency only: a few images do
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """One structure to measure: MAC cut, channel multiple, precision/scheme, threads."""
+    """One structure to measure: MAC cut, channel multiple, precision/scheme, threads, backend."""
 
     cut: float
     channel_multiple: int
-    scheme: str  # "fp32" or an int8 scheme (edgec.int8.SCHEMES)
+    scheme: str  # "fp32" or an int8 scheme (edgec.int8.SCHEMES; for executorch XNNPACK's s8s8)
     per_channel: bool
     threads: int
+    backend: str = "onnxruntime"
 
     def key(self) -> str:
+        backend = "" if self.backend == "onnxruntime" else f" backend={self.backend}"
         return (f"cut={self.cut:g} multiple={self.channel_multiple} scheme={self.scheme} "
-                f"per_channel={self.per_channel} threads={self.threads}")
+                f"per_channel={self.per_channel} threads={self.threads}{backend}")
 
 
 def sample_configs(count: int, multiples: tuple[int, ...], threads: tuple[int, ...],
-                   seed: int = 0) -> list[SampleConfig]:
-    """``count`` distinct configurations drawn from the grid in a fixed order (``seed``): the
-    first of them are the same whatever ``count``, so a larger sample extends a smaller one."""
-    grid = [SampleConfig(cut, multiple, scheme, per_channel, t)
-            for cut in CUTS for multiple in multiples for scheme in SCHEMES
+                   seed: int = 0, backends: tuple[str, ...] = ("onnxruntime",)
+                   ) -> list[SampleConfig]:
+    """``count`` distinct configurations of each backend, drawn from its grid in a fixed order
+    (``seed``) and taken in turns across backends: the first of them are the same whatever
+    ``count``, so a larger sample extends a smaller one."""
+    drawn = [_backend_grid(backend, multiples, threads, seed)[:count] for backend in backends]
+    return [config for turn in itertools.zip_longest(*drawn) for config in turn if config]
+
+
+def _backend_grid(backend: str, multiples: tuple[int, ...], threads: tuple[int, ...],
+                  seed: int) -> list[SampleConfig]:
+    if backend not in BACKEND_SCHEMES:
+        raise ConfigError(f"latency sample: backend {backend!r} has no sampled structures; "
+                          f"choose from {', '.join(BACKEND_SCHEMES)}")
+    grid = [SampleConfig(cut, multiple, scheme, per_channel, t, backend)
+            for cut in CUTS for multiple in multiples for scheme in BACKEND_SCHEMES[backend]
             for per_channel in ((False,) if scheme == "fp32" else (True, False))
             for t in threads]
     grid = list(dict.fromkeys(replace(c, channel_multiple=multiples[0]) if c.cut == 0 else c
                               for c in grid))  # an unpruned model has no multiple
     random.Random(seed).shuffle(grid)
-    return grid[:count]
+    return grid
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,7 @@ class SampleRequest:
     profiles: Path = Path("profiles")
     seed: int = 0
     rounds: int = 1  # measurements per configuration, in interleaved rounds over all of them
+    backends: tuple[str, ...] = ("onnxruntime",)  # each with `count` configurations
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,13 @@ def run_sample(request: SampleRequest,
     from edgec.targets import load_target
 
     config, target = load_model_config(request.model), load_target(request.target)
+    configs = sample_configs(request.count, request.multiples, request.threads, request.seed,
+                             request.backends)
+    foreign = [name for name in request.backends if name not in target.backends]
+    if foreign:
+        raise ConfigError(f"latency sample: target {target.name!r} has no backend "
+                          f"{', '.join(foreign)} (it has {', '.join(target.backends)}); drop "
+                          f"--backend {foreign[0]} or sample for a target that has it")
     model = load_torch_model(config)
     calibration = load_data_config(config.resolve(config.data)).load("calibration") \
         .head(CALIBRATION_IMAGES)
@@ -101,7 +129,6 @@ def run_sample(request: SampleRequest,
     measured, skipped, unbuildable = [], [], []
     try:
         done = _recorded(database, device.name, config.name)
-        configs = sample_configs(request.count, request.multiples, request.threads, request.seed)
         for round_ in range(request.rounds):  # a slow spell of the board hits every one alike
             for index, sample in enumerate(configs):
                 spec = replace(request.measure, threads=sample.threads)
@@ -156,14 +183,15 @@ def _measure_one(sample: SampleConfig, spec: MeasureSpec, model, config, target,
         directory = scratch / "artifact"
         directory.mkdir()
         manifest = write_artifact(built, config, target, [{"sample": asdict(sample)}], directory,
-                                  "onnxruntime")
+                                  sample.backend)
         measurement = device.measure(directory, spec)
         database.record(device.name, manifest, spec, measurement,
                         profile_features(directory, sample.threads), {"sample": asdict(sample)})
 
 
 def _structure(sample: SampleConfig, model, config, target, calibration, scratch: Path):
-    """The configuration's ONNX model: pruned to the cut, folded, exported, quantized."""
+    """The configuration's structure: pruned to the cut, folded, then for ONNX Runtime exported
+    and quantized by the ``quantize`` pass, for ExecuTorch quantized by ``quantize_pt2e``."""
     from edgec.artifact import Artifact
     from edgec.passes import PASSES
     from edgec.pipeline import Context, Pipeline, Step
@@ -173,13 +201,20 @@ def _structure(sample: SampleConfig, model, config, target, calibration, scratch
         steps.append(("prune", {"ratio": sample.cut, "ratio_of": "macs", "reconstruct": False,
                                 "channel_multiple": sample.channel_multiple,
                                 "finetune_epochs": 0.0}))
-    steps += [("fuse", {}), ("export", {})]
-    if sample.scheme != "fp32":
-        steps.append(("quantize", {"scheme": sample.scheme, "per_channel": sample.per_channel,
-                                   "calibration": "data",
-                                   "calibration_count": len(calibration)}))
+    steps.append(("fuse", {}))
+    if sample.backend == "executorch":
+        steps.append(("quantize_pt2e", {"per_channel": sample.per_channel,
+                                        "calibration_count": len(calibration)}))
+    else:
+        steps.append(("export", {}))
+        if sample.scheme != "fp32":
+            steps.append(("quantize", {"scheme": sample.scheme,
+                                       "per_channel": sample.per_channel,
+                                       "calibration": "data",
+                                       "calibration_count": len(calibration)}))
     pipeline = Pipeline([Step(PASSES[name](), PASSES[name].Params(**params))
                          for name, params in steps], "sample")
     ctx = Context(target, config.input, calibration, scratch, baseline=model,
-                  backend="onnxruntime")
-    return pipeline.run(Artifact("torch", model), ctx)
+                  backend=sample.backend)
+    source = Artifact("torch", model, extras={"input_shape": list(config.input.shape)})
+    return pipeline.run(source, ctx)
