@@ -268,3 +268,38 @@ def test_resnet20_search_on_the_emulated_board(emulated_board, tmp_path, monkeyp
     built = [r for r in outcome.records if r.counts]
     assert len(built) >= 6 and sum(r.state == "complete" for r in built) >= 4
     assert outcome.pick is not None
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEC_BOARD_LATENCY_RESNET20"),
+                    reason="sampling ResNet-20 structures on the emulated board takes ~20 s each "
+                           "under qemu; set EDGEC_BOARD_LATENCY_RESNET20=N (configurations drawn "
+                           "from the grid; EDGEC_BOARD_LATENCY_OUT keeps the profiles to resume)")
+def test_resnet20_latency_model_on_the_emulated_board(emulated_board, tmp_path, monkeypatch):
+    """#20's acceptance on the board: `edgec latency sample` measures ResNet-20 structures over
+    SSH on the emulated rpi4 (onnxruntime: cuts x multiples x int8 schemes, per channel or
+    not), `edgec latency fit --holdout 10` fits the board's model without 10 of them and
+    predicts those: median error within 10 % and Kendall tau at least 0.8."""
+    from edgec.cli_latency import fit_device, held_out_line
+    from edgec.devices.inventory import save_device
+    from edgec.latency.sample import SampleRequest, run_sample
+
+    config = sshd.board_config(emulated_board, Path(emulated_board.inside) / "work",
+                               name="emulated-rpi4", target="rpi4", python=BOARD_PYTHON,
+                               connect_timeout_s=60.0, command_timeout_s=900.0)
+    save_device(config, tmp_path / "devices")
+    monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
+    out = Path(os.environ.get("EDGEC_BOARD_LATENCY_OUT", tmp_path / "out"))
+    outcome = run_sample(SampleRequest(
+        EXAMPLES / "resnet20_cifar10" / "model.toml", device="emulated-rpi4", target="rpi4",
+        count=int(os.environ["EDGEC_BOARD_LATENCY_RESNET20"]), profiles=out / "profiles",
+        measure=MeasureSpec(warmup=2, repeat=20, min_time_s=0.0),
+        rounds=int(os.environ.get("EDGEC_BOARD_LATENCY_ROUNDS", "1"))),
+        progress=print)
+    print(f"measured {len(outcome.measured)}, found {len(outcome.skipped)}, not buildable "
+          f"{len(outcome.unbuildable)}")
+    [(model, held)] = fit_device("emulated-rpi4", out / "profiles", holdout=10)
+    print(f"{model.key.describe()}: {model.configurations} configurations fit, chosen "
+          f"{model.chosen}, leave-one-out {model.loo[model.chosen]}")
+    print(held_out_line(held))
+    assert model.key.runtime.startswith("onnxruntime=") and held["n"] == 10
+    assert held["median_ape"] <= 0.10 and held["kendall_tau"] >= 0.8
