@@ -53,6 +53,17 @@ def test_run_time_detection_overrides_cpuinfo():
     """Under an emulator /proc/cpuinfo is the host's; numpy's CPUID view is what the code runs."""
     haswell = {"AVX2": True, "AVX512F": False, "AVX512BW": False, "AVX512VNNI": False}
     assert runner.cpu_info(EPYC_VNNI, "x86_64", detected=haswell)["int8_path"] == "x86-avx2"
+    # flags numpy cannot see (avx_vnni, amx_int8) count only where the text is this CPU's
+    sapphire = ("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx avx2 avx512f avx512bw "
+                "avx512_vnni avx_vnni amx_int8\n")
+    info = runner.cpu_info(sapphire, "x86_64", detected=haswell)
+    assert info["features"] == ["avx2"] and info["int8_path"] == "x86-avx2"
+    native = {"AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": True}
+    assert runner.cpu_info(sapphire, "x86_64", detected=native)["features"] == [
+        "amx_int8", "avx2", "avx512_vnni", "avx512bw", "avx512f", "avx_vnni"]
+    assert runner.cpu_info(ALDER_LAKE, "x86_64", detected={"AVX2": True, "AVX512F": False,
+                                                          "AVX512BW": False, "AVX512VNNI": False}
+                           )["int8_path"] == "x86-vnni"
 
 
 def test_this_host_is_probed_and_board_targets_declare_theirs():

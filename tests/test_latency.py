@@ -35,7 +35,13 @@ from edgec.latency import (
     save,
     select_model,
 )
-from edgec.latency.features import FEATURES_FORMAT, aggregate, aggregate_names
+from edgec.latency.features import (
+    FEATURES_FORMAT,
+    KINDS,
+    aggregate,
+    aggregate_names,
+    kind_group,
+)
 from edgec.latency.fit import boosted_estimator, export_estimator
 from edgec.latency.model import (
     MODEL_FORMAT,
@@ -334,7 +340,11 @@ def test_a_model_refuses_another_key_and_layer_kinds_it_never_saw(tables):
         model.predict({**features, "threads": 2}, KEY)
     with pytest.raises(DataError, match="saw no fp32 conv3x3, fp32 gemm layers"):
         model.predict(tables["fp32"], KEY)
-    assert model.unseen(tables["mixed"]) == ["int4 conv3x3", "int4 gemm"]
+    # which layers the mixed pass gives 4 bits depends on the sensitivities this CPU measured
+    int4 = [f"int4 {kind}" for kind in KINDS
+            if any(layer["arithmetic"] == "int4" and kind_group(layer["kind"]) == kind
+                   for layer in tables["mixed"]["layers"])]
+    assert int4 and model.unseen(tables["mixed"]) == int4
     assert select_model([model], "local", "onnxruntime", 1) is model
     with pytest.raises(ConfigError, match="no latency model for .*threads 4.*holds: device local"):
         select_model([model], "local", "onnxruntime", 4)

@@ -105,7 +105,9 @@ def runtime_cpu_features():
 def cpu_info(cpuinfo_text=None, machine=None, detected=None):
     """This CPU: {'arch', 'model', 'features' (the int8-relevant ones), 'int8_path'}.
 
-    A feature numpy detects at run time is taken from numpy; the others from /proc/cpuinfo."""
+    A feature numpy detects at run time is taken from numpy; the others from /proc/cpuinfo, but
+    only when it agrees with numpy on every feature both know: an emulator (qemu-x86_64 -cpu
+    Haswell on an AMX host) shows the host's /proc/cpuinfo, whose avx_vnni is not the CPU's."""
     if cpuinfo_text is None:
         try:
             cpuinfo_text = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -115,8 +117,11 @@ def cpu_info(cpuinfo_text=None, machine=None, detected=None):
     arch = ISA_ALIASES.get(machine, machine)
     detected = runtime_cpu_features() if detected is None else detected
     model, flags = parse_cpuinfo(cpuinfo_text, arch)
-    features = sorted(flag for flag, key in INT8_FEATURES.items()
-                      if (detected[key] if detected and key in detected else flag in flags))
+    known = {flag: bool(detected[key]) for flag, key in INT8_FEATURES.items()
+             if detected and key in detected}
+    host_text = any(present != (flag in flags) for flag, present in known.items())
+    features = sorted(flag for flag in INT8_FEATURES
+                      if known.get(flag, flag in flags and not host_text))
     return {"arch": arch, "model": model or f"{arch} (model unknown)",
             "features": features, "int8_path": int8_path(arch, features)}
 
