@@ -9,9 +9,11 @@ board.
 * ``promising`` (the default with a model and something to measure on): every trial is built and
   predicted; it is measured only when it may matter (:func:`promising`): a baseline, the first
   within-budget trial, one predicted within ``PROMISING_MARGIN`` of the fastest measured
-  feasible trial, and every ``EXPLORE_EVERY``-th other within-budget trial (exploration: the
-  model's errors show up). The others are ``predicted`` trials: they guide the sampler with
-  their predicted latency, are never on the front and never picked.
+  feasible trial (the prediction first scaled by :func:`board_scale`: the board's speed today
+  against the profiles the model was fit on), and every ``EXPLORE_EVERY``-th other
+  within-budget trial (exploration: the model's errors show up). The others are ``predicted``
+  trials: they guide the sampler with their predicted latency (on the same scale), are never
+  on the front and never picked.
 * ``none`` (the default with a model and no board: a target whose code does not run here and no
   ``--device``): every trial is predicted, the front and the pick are the predicted ones, and
   the pick is marked "predicted" (nothing is re-measured).
@@ -118,6 +120,19 @@ def resolve_mode(mode: str | None, predictor: Predictor | None, can_measure: boo
     return mode
 
 
+def board_scale(pairs: list[tuple[float, float]]) -> float:
+    """The median of measured / predicted over the (predicted, measured) latencies of the trials
+    measured so far (1 before any): the gate compares a prediction with measurements on this
+    scale, so a board that runs uniformly slower or faster than when its profiles were taken
+    (another load, clock or runtime build) still has its fastest trials measured; the model is
+    trusted to rank, not to know today's clock."""
+    ratios = sorted(measured / predicted for predicted, measured in pairs if predicted > 0)
+    if not ratios:
+        return 1.0
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+
 def promising(predicted_ms: float, fastest_measured_ms: float | None, within_budget: bool,
               baseline: bool, passed_over: int) -> tuple[bool, str]:
     """(measure this trial?, why): see the module docstring. ``passed_over``: within-budget
@@ -144,9 +159,9 @@ class MeasureGate:
     (:meth:`as_measurement`)."""
 
     def __init__(self, predictor: Predictor, mode: str, baseline: bool,
-                 fastest_measured_ms: float | None, passed_over: int):
+                 fastest_measured_ms: float | None, passed_over: int, scale: float = 1.0):
         self.predictor, self.mode, self.baseline = predictor, mode, baseline
-        self.fastest, self.passed_over = fastest_measured_ms, passed_over
+        self.fastest, self.passed_over, self.scale = fastest_measured_ms, passed_over, scale
         self.prediction: Prediction | None = None
         self.why, self.skipped_within_budget = "", False
 
@@ -163,20 +178,22 @@ class MeasureGate:
             return True
         budget = manifest.get("budget") or {}
         within = budget.get("spent", 0.0) <= budget.get("points", float("inf")) + 1e-9
-        measure, self.why = promising(self.prediction.latency_ms, self.fastest, within,
+        measure, self.why = promising(self.prediction.latency_ms * self.scale, self.fastest, within,
                                       self.baseline, self.passed_over)
         self.skipped_within_budget = within and not measure
         return measure
 
     def attrs(self) -> dict[str, Any]:
         found = self.prediction.to_attrs() if self.prediction else {"predicted_ms": None}
-        return {**found, "measure_why": self.why, "passed_over": self.skipped_within_budget}
+        return {**found, "board_scale": self.scale, "measure_why": self.why,
+                "passed_over": self.skipped_within_budget}
 
     def as_measurement(self) -> PredictedLatency | None:
-        """The prediction in place of a measurement (what the trial's objectives read)."""
+        """The prediction, on the board's scale, in place of a measurement (what the trial's
+        objectives read: comparable with the measured trials')."""
         if self.prediction is None:
             return None
-        value = self.prediction.latency_ms
+        value = self.prediction.latency_ms * self.scale
         return PredictedLatency(value, value * self.prediction.error, value)
 
 
@@ -194,12 +211,17 @@ class PredictedLatency:
         return {"source": "predicted"}
 
 
+def measured_pairs(records) -> list[tuple[float, float]]:
+    """(predicted, measured) mean latency of each trial that was both (repeats once)."""
+    return [(r.attrs["predicted_ms"], r.attrs["latency_mean_ms"]) for r in records
+            if r.attrs.get("predicted_ms") is not None and r.attrs.get("latency_source")
+            == "measured" and "repeat_of" not in r.attrs]
+
+
 def predicted_vs_measured(records) -> dict[str, Any] | None:
     """The model's errors on the trials that were both predicted and measured (None if none):
     what :func:`edgec.latency.fit.error_metrics` reports."""
-    pairs = [(r.attrs["predicted_ms"], r.attrs["latency_mean_ms"]) for r in records
-             if r.attrs.get("predicted_ms") is not None and r.attrs.get("latency_source")
-             == "measured" and "repeat_of" not in r.attrs]
+    pairs = measured_pairs(records)
     if not pairs:
         return None
     try:
