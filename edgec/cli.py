@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgec.cli_cache import cache_app
+from edgec.cli_ci import ci_app
 from edgec.cli_devices import devices_app, profile
 from edgec.cli_errors import fail
 from edgec.cli_latency import latency_app
@@ -196,6 +197,7 @@ def check(
 app.add_typer(devices_app, name="devices")
 app.add_typer(cache_app, name="cache")
 app.add_typer(latency_app, name="latency")
+app.add_typer(ci_app, name="ci")
 app.command("profile")(profile)
 app.command("space")(space)
 app.command("search")(search)

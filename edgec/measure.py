@@ -126,6 +126,29 @@ class Measurement:
                    (*warnings, *result.get("warnings", ()), *_oversubscribed(result)), extra)
 
 
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+       10: 2.262}  # Student's t, two-sided 95 %, by the number of rounds (k - 1 degrees)
+
+
+def across_rounds(rounds: list[Measurement]) -> dict[str, Any]:
+    """Statistics over separate measurements of one artifact: the mean of their means, and a
+    95 % interval from how much those means differ (Student's t), never narrower than the
+    widest single window's. Samples inside one window are correlated (the clock, the cache,
+    other load), so a window's own interval understates how far another run may land."""
+    if not rounds:
+        raise MeasureError("no measurement rounds to combine")
+    means = [m.mean for m in rounds]
+    k, mean = len(means), sum(means) / len(means)
+    spread = 0.0
+    if k > 1:
+        sd = (sum((m - mean) ** 2 for m in means) / (k - 1)) ** 0.5
+        spread = T95.get(k, 1.96) * sd / k ** 0.5
+    samples = [s for m in rounds for s in m.samples_ms]
+    return {"mean_ms": mean, "ci95_ms": max(spread, *(m.ci95 for m in rounds)),
+            "p50_ms": runner.percentile(samples, 50), "n": len(samples), "rounds": k,
+            "round_means_ms": means, "peak_rss_mb": max(m.peak_rss_mb for m in rounds)}
+
+
 OVERSUBSCRIBED = 0.5  # cores busy beyond --threads that make a measurement suspect
 
 

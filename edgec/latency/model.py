@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -286,20 +284,11 @@ class LatencyModel:
 
 def save(path: str | Path, models: list[LatencyModel]) -> Path:
     """Write the models of one device as JSON, under a temporary name renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from edgec.artifact import atomic_write_text
+
     text = json.dumps({"format": MODEL_FORMAT, "models": [m.to_json() for m in models]},
                       indent=1, allow_nan=False) + "\n"
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(Path(path), text)
 
 
 def load(path: str | Path) -> list[LatencyModel]:

@@ -1,0 +1,1 @@
+"""CI artifacts per device: ``edgec ci build|diff|workflow|report`` (see README, "CI")."""
