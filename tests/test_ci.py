@@ -139,6 +139,32 @@ def test_a_failed_or_vanished_target_regresses_and_bad_input_is_refused(digits_t
     assert [e["target"] for e in merged["entries"]] == ["local", "rpi4"]
 
 
+def test_boards_of_the_inventory_evaluate_and_measure_and_an_unreachable_one_is_noted(
+        ssh_server, tmp_path):
+    """A real sshd board serving `local`, and an `rpi4` board nobody answers for."""
+    from edgec.devices.inventory import save_device
+    from tests import sshd
+
+    devices = tmp_path / "devices"
+    save_device(sshd.board_config(ssh_server, tmp_path / "board"), devices)
+    save_device(sshd.board_config(ssh_server, tmp_path / "gone", name="gone", target="rpi4",
+                                  port=1, retries=0, connect_timeout_s=2.0), devices)
+    index = run_ci(CiRequest(DIGITS, devices=devices, out=tmp_path / "dist", measure=sshd.QUICK,
+                             eval_count=200, rounds=2))
+    board, gone = index["entries"]
+    assert (board["target"], board["device"], gone["target"], gone["device"]) == (
+        "local", "loopback", "rpi4", "gone")
+    assert board["accuracy"] == {**board["accuracy"], "on": "loopback", "images": 200}
+    assert board["latency"]["on"] == "loopback" and board["latency"]["rounds"] == 2
+    assert board["status"] == gone["status"] == "ok" and not failures(index)
+    assert gone["latency"] is None and gone["accuracy"]["on"] == "local"
+    assert gone["note"].startswith("board gone not reached")
+    only = run_ci(CiRequest(DIGITS, devices=devices, only_device="loopback",
+                            out=tmp_path / "one", measure=sshd.QUICK, eval_count=200, rounds=1))
+    assert [(e["target"], e["device"]) for e in only["entries"]] == [("local", "loopback")]
+    assert only["entries"][0]["hash"] == board["hash"]
+
+
 @pytest.mark.skipif(not os.environ.get("EDGEC_CI_RESNET20"),
                     reason="opt-in (EDGEC_CI_RESNET20=1): ResNet-20 over five targets, twice, "
                            "on the full test split (~15 min on 2 cores)")

@@ -171,7 +171,8 @@ def build_entry(request: CiRequest, config: Configuration, job: Job, model_name:
     target = load_target(job.target)
     base = {"target": job.target, "device": job.device, "artifact": "", "hash": "",
             "recipe": config.recipe or target.options.get("recipe", "int8"),
-            "backend": config.backend or "", "status": "ok", "error": "", "accuracy": None,
+            "backend": config.backend or "", "status": "ok", "error": "", "note": "",
+            "accuracy": None,
             "latency": None, "peak_rss_mb": None, "size_bytes": 0, "versions": {},
             "budget": None}
     try:
@@ -184,7 +185,8 @@ def build_entry(request: CiRequest, config: Configuration, job: Job, model_name:
     name = publish(result.directory, request.out, f"{model_name}-{job.target}-"
                    f"{result.manifest['hash'][:12]}")
     entry = {**base, **describe(result.manifest, latency), "artifact": name,
-             "error": "" if reached or not job.device else f"board {job.device} not reached"}
+             "note": "" if reached or not job.device else f"board {job.device} not reached: "
+                                                         f"evaluated here, not measured"}
     if entry["latency"] is None and request.latency_model is not None:
         entry["latency"] = predicted_latency(request, job, request.out / name)
     return entry

@@ -5,7 +5,8 @@ An entry::
 
     {"target": "rpi4", "device": "pi-lab-1" | null, "artifact": "digits-rpi4-0123456789ab",
      "hash": "<sha256 of the deployable files and their identity>", "recipe": "int8",
-     "backend": "onnxruntime", "status": "ok" | "failed" | "over budget", "error": "" ,
+     "backend": "onnxruntime", "status": "ok" | "failed" | "over budget", "error": "",
+     "note": "board pi-lab-1 not reached: evaluated here, not measured" | "",
      "accuracy": {"top1": 0.9712, "on": "local" | "<device>", "images": 360} | null,
      "latency": {"p50_ms", "mean_ms", "ci95_ms", "n", "source": "measured" | "predicted",
                  "on": "local" | "<device>"} | null,
