@@ -186,6 +186,26 @@ def test_build_from_study_rebuilds_the_pick_from_the_cache(searched, tmp_path):
     assert missing.exit_code != 0 and "no study database" in missing.output
 
 
+def test_ci_build_from_study_publishes_the_pick_for_every_target(searched, tmp_path):
+    from edgec.ci.build import CiRequest, run_ci
+    from edgec.measure import MeasureSpec
+
+    outcome, _, root = searched
+    plan, pick = outcome.plan, outcome.pick
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEC_CACHE", str(root / "cache"))
+        index = run_ci(CiRequest(plan.request.model, ("local", "rpi4"),
+                                 from_study=plan.study_name, storage=plan.storage,
+                                 out=tmp_path / "dist", rounds=1,
+                                 measure=MeasureSpec(repeat=20, min_time_s=0.05)))
+    local, rpi4 = index["entries"]
+    assert index["from_study"] == f"study {plan.study_name}, trial {pick.number}"
+    assert local["status"] == rpi4["status"] == "ok"
+    assert local["recipe"] == pick.record.attrs["recipe_ref"] == rpi4["recipe"]
+    assert local["hash"] == pick.record.attrs["manifest_hash"]  # the very artifact it picked
+    assert rpi4["hash"] != local["hash"] and rpi4["latency"] is None
+
+
 def test_overlapping_finalists_are_remeasured_interleaved(searched):
     from edgec.search.pick import Remeasure, choose
 

@@ -118,23 +118,40 @@ def test_the_gate_measures_baselines_close_calls_and_explores():
 
 
 def test_the_gate_reads_predictions_on_the_board_scale_of_the_trials_measured(latency_model):
-    from edgec.search.predict import MeasureGate, Prediction, Predictor, board_scale
+    from edgec.search.predict import (
+        EXPLORE_EVERY,
+        MeasureGate,
+        Prediction,
+        Predictor,
+        board_scale,
+    )
 
     assert board_scale([]) == 1.0
     assert board_scale([(1.0, 2.0), (2.0, 4.2), (0.5, 0.9)]) == 2.0  # the median ratio
     assert board_scale([(1.0, 2.0), (1.0, 3.0)]) == 2.5
-    # a board running twice as slow as its profiles: a trial predicted at 0.6 ms is not a
-    # contender for the fastest measured 1.0 ms, and its stand-in latency is 1.2 ms
+    # a board running twice as slow as its ONNX Runtime profiles (ExecuTorch's read 3x low): a
+    # trial predicted at 0.6 ms is not a contender for the fastest measured 1.0 ms, and its
+    # stand-in latency is 1.2 ms
     predictor = Predictor(latency_model[0], (), "local", 1)
-    gate = MeasureGate(predictor, "promising", False, 1.0, 0, scale=2.0)
-    gate.predictor = type("Fixed", (), {"try_predict": lambda self, d: (
-        Prediction(0.6, 0.05, "fixed"), "")})()
-    assert not gate(None, {"budget": {"spent": 0.1, "points": 1.0}})
+    fixed = type("Fixed", (), {"try_predict": lambda self, d: (
+        Prediction(0.6, 0.05, "fixed", "onnxruntime"), "")})()
+    pairs = {"onnxruntime": [(1.0, 2.0), (0.5, 1.0)], "executorch": [(1.0, 3.0)]}
+    within = {"budget": {"spent": 0.1, "points": 1.0}}
+    gate = MeasureGate(predictor, "promising", False, 1.0, 0, pairs)
+    gate.predictor = fixed
+    assert not gate(None, within)
     assert gate.as_measurement().mean == pytest.approx(1.2)
     assert gate.attrs()["predicted_ms"] == 0.6 and gate.attrs()["board_scale"] == 2.0
+    assert gate.attrs()["passed_over"]
     unscaled = MeasureGate(predictor, "promising", False, 1.0, 0)
-    unscaled.predictor = gate.predictor
-    assert unscaled(None, {"budget": {"spent": 0.1, "points": 1.0}})
+    unscaled.predictor = fixed
+    assert unscaled(None, within) and not unscaled.attrs()["passed_over"]
+    # a trial explored is still one the margin passed over: the next passed-over ones are not
+    # all explored
+    explored = MeasureGate(predictor, "promising", False, 1.0, EXPLORE_EVERY - 1, pairs)
+    explored.predictor = fixed
+    assert explored(None, within) and explored.why.startswith("exploration")
+    assert explored.attrs()["passed_over"]
 
 
 def test_modes_and_models_that_cannot_serve_are_refused(latency_model, tmp_path):

@@ -9,8 +9,9 @@ board.
 * ``promising`` (the default with a model and something to measure on): every trial is built and
   predicted; it is measured only when it may matter (:func:`promising`): a baseline, the first
   within-budget trial, one predicted within ``PROMISING_MARGIN`` of the fastest measured
-  feasible trial (the prediction first scaled by :func:`board_scale`: the board's speed today
-  against the profiles the model was fit on), and every ``EXPLORE_EVERY``-th other
+  feasible trial (the prediction first scaled by :func:`board_scale` over the trials of its
+  backend measured so far: the board's speed today against the profiles the model was fit
+  on), and every ``EXPLORE_EVERY``-th other
   within-budget trial (exploration: the model's errors show up). The others are ``predicted``
   trials: they guide the sampler with their predicted latency (on the same scale), are never
   on the front and never picked.
@@ -39,6 +40,7 @@ class Prediction:
     latency_ms: float
     error: float  # the model's leave-one-configuration-out median error (fraction)
     model: str  # "additive model of device local, backend onnxruntime, ..."
+    backend: str = ""  # the artifact's backend (the model's key)
 
     def to_attrs(self) -> dict[str, Any]:
         return {"predicted_ms": self.latency_ms, "predicted_error": self.error,
@@ -76,7 +78,8 @@ class Predictor:
         model = select_model(list(self.models), self.device, features["backend"], self.threads)
         latency = model.predict(features, self._key(model, directory))
         error = (model.loo.get(model.chosen) or {}).get("median_ape") or 0.0
-        return Prediction(latency, float(error), f"{model.chosen} model of {model.key.describe()}")
+        return Prediction(latency, float(error), f"{model.chosen} model of {model.key.describe()}",
+                          features["backend"])
 
 
     def try_predict(self, directory: Path) -> tuple[Prediction | None, str]:
@@ -136,7 +139,7 @@ def board_scale(pairs: list[tuple[float, float]]) -> float:
 def promising(predicted_ms: float, fastest_measured_ms: float | None, within_budget: bool,
               baseline: bool, passed_over: int) -> tuple[bool, str]:
     """(measure this trial?, why): see the module docstring. ``passed_over``: within-budget
-    trials left unmeasured so far."""
+    trials the margin passed over so far (measured for exploration or not)."""
     if baseline:
         return True, "a baseline"
     if not within_budget:
@@ -159,9 +162,11 @@ class MeasureGate:
     (:meth:`as_measurement`)."""
 
     def __init__(self, predictor: Predictor, mode: str, baseline: bool,
-                 fastest_measured_ms: float | None, passed_over: int, scale: float = 1.0):
+                 fastest_measured_ms: float | None, passed_over: int,
+                 pairs: dict[str, list[tuple[float, float]]] | None = None):
         self.predictor, self.mode, self.baseline = predictor, mode, baseline
-        self.fastest, self.passed_over, self.scale = fastest_measured_ms, passed_over, scale
+        self.fastest, self.passed_over, self.pairs = fastest_measured_ms, passed_over, pairs or {}
+        self.scale = 1.0
         self.prediction: Prediction | None = None
         self.why, self.skipped_within_budget = "", False
 
@@ -178,9 +183,11 @@ class MeasureGate:
             return True
         budget = manifest.get("budget") or {}
         within = budget.get("spent", 0.0) <= budget.get("points", float("inf")) + 1e-9
+        same_backend = self.pairs.get(self.prediction.backend)
+        self.scale = board_scale(same_backend or [p for ps in self.pairs.values() for p in ps])
         measure, self.why = promising(self.prediction.latency_ms * self.scale, self.fastest, within,
                                       self.baseline, self.passed_over)
-        self.skipped_within_budget = within and not measure
+        self.skipped_within_budget = within and (not measure or self.why.startswith("exploration"))
         return measure
 
     def attrs(self) -> dict[str, Any]:
@@ -213,9 +220,19 @@ class PredictedLatency:
 
 def measured_pairs(records) -> list[tuple[float, float]]:
     """(predicted, measured) mean latency of each trial that was both (repeats once)."""
-    return [(r.attrs["predicted_ms"], r.attrs["latency_mean_ms"]) for r in records
-            if r.attrs.get("predicted_ms") is not None and r.attrs.get("latency_source")
-            == "measured" and "repeat_of" not in r.attrs]
+    return [pair for pairs in pairs_by_backend(records).values() for pair in pairs]
+
+
+def pairs_by_backend(records) -> dict[str, list[tuple[float, float]]]:
+    """:func:`measured_pairs` by the trial's backend: each backend's model errs its own way
+    (a model fit on ONNX Runtime profiles may read 10 % low while ExecuTorch's reads 40 %)."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.attrs.get("predicted_ms") is not None and r.attrs.get("latency_source") \
+                == "measured" and "repeat_of" not in r.attrs:
+            found.setdefault(r.attrs.get("backend", ""), []).append(
+                (r.attrs["predicted_ms"], r.attrs["latency_mean_ms"]))
+    return found
 
 
 def predicted_vs_measured(records) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from typing import Any
 from edgec.errors import BudgetError, EdgecError, SearchError
 from edgec.measure import MeasureSpec
 from edgec.search.pick import feasible_front
-from edgec.search.predict import MeasureGate, Predictor, board_scale, measured_pairs, resolve_mode
+from edgec.search.predict import MeasureGate, Predictor, pairs_by_backend, resolve_mode
 from edgec.search.storage import (
     Heartbeat,
     ask,
@@ -670,7 +670,7 @@ def measure_gate(plan: SearchPlan, config: TrialConfig, records: tuple[TrialReco
     passed_over = sum(bool(r.attrs.get("passed_over")) and r.counts for r in records)
     return MeasureGate(plan.predictor, plan.measure_trials, config.baseline,
                        None if best is None else best.latency_ms, passed_over,
-                       board_scale(measured_pairs(records)))
+                       pairs_by_backend(records))
 
 
 def _objectives(trial, result, gate: MeasureGate | None = None
