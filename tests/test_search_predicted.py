@@ -112,6 +112,7 @@ def test_the_gate_measures_baselines_close_calls_and_explores():
     assert promising(9.0, 1.0, True, True, 0)[0]  # a baseline: always on the plot
     assert not promising(0.5, 1.0, False, False, 0)[0]  # over the budget: cannot be picked
     assert promising(5.0, None, True, False, 0)[0]  # nothing feasible measured yet
+    assert not promising(0.1, None, True, False, 0, screened=True)[0]  # never picked: predicted
     assert promising(1.0 + PROMISING_MARGIN - 1e-9, 1.0, True, False, 0)[0]
     slow = [promising(2.0, 1.0, True, False, n)[0] for n in range(2 * EXPLORE_EVERY)]
     assert sum(slow) == 2 and slow[EXPLORE_EVERY - 1]  # every EXPLORE_EVERY-th passed over

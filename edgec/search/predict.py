@@ -7,7 +7,9 @@ board.
 * ``all``: every trial is measured; each is predicted too, so the report states the model's
   error on everything measured.
 * ``promising`` (the default with a model and something to measure on): every trial is built and
-  predicted; it is measured only when it may matter (:func:`promising`): a baseline, the first
+  predicted; it is measured only when it may matter (:func:`promising`): never a screened
+  trial (successive halving's cheap rung: it is never picked, and its promotion, the full
+  build, is measured), but a baseline, the first
   within-budget trial, one predicted within ``PROMISING_MARGIN`` of the fastest measured
   feasible trial (the prediction first scaled by :func:`board_scale` over the trials of its
   backend measured so far: the board's speed today against the profiles the model was fit
@@ -137,11 +139,13 @@ def board_scale(pairs: list[tuple[float, float]]) -> float:
 
 
 def promising(predicted_ms: float, fastest_measured_ms: float | None, within_budget: bool,
-              baseline: bool, passed_over: int) -> tuple[bool, str]:
+              baseline: bool, passed_over: int, screened: bool = False) -> tuple[bool, str]:
     """(measure this trial?, why): see the module docstring. ``passed_over``: within-budget
     trials the margin passed over so far (measured for exploration or not)."""
     if baseline:
         return True, "a baseline"
+    if screened:
+        return False, "screened: never picked, so predicted only (a promotion is measured)"
     if not within_budget:
         return False, "over the budget: its latency cannot make it the pick"
     if fastest_measured_ms is None:
@@ -163,8 +167,10 @@ class MeasureGate:
 
     def __init__(self, predictor: Predictor, mode: str, baseline: bool,
                  fastest_measured_ms: float | None, passed_over: int,
-                 pairs: dict[str, list[tuple[float, float]]] | None = None):
+                 pairs: dict[str, list[tuple[float, float]]] | None = None,
+                 screened: bool = False):
         self.predictor, self.mode, self.baseline = predictor, mode, baseline
+        self.screened = screened
         self.fastest, self.passed_over, self.pairs = fastest_measured_ms, passed_over, pairs or {}
         self.scale = 1.0
         self.prediction: Prediction | None = None
@@ -186,8 +192,9 @@ class MeasureGate:
         same_backend = self.pairs.get(self.prediction.backend)
         self.scale = board_scale(same_backend or [p for ps in self.pairs.values() for p in ps])
         measure, self.why = promising(self.prediction.latency_ms * self.scale, self.fastest, within,
-                                      self.baseline, self.passed_over)
-        self.skipped_within_budget = within and (not measure or self.why.startswith("exploration"))
+                                      self.baseline, self.passed_over, self.screened)
+        self.skipped_within_budget = within and not self.screened and (
+            not measure or self.why.startswith("exploration"))
         return measure
 
     def attrs(self) -> dict[str, Any]:

@@ -197,8 +197,9 @@ class TrialRecord:
 
     @property
     def within_budget(self) -> bool:
-        """Its held-out drop is inside the budget (a screened trial's too)."""
-        return self.measured and self.attrs["heldout_drop"] <= self.attrs["budget_points"] + 1e-9
+        """Its held-out drop is inside the budget (a screened trial's too; its latency measured
+        or predicted)."""
+        return self.scored and self.attrs["heldout_drop"] <= self.attrs["budget_points"] + 1e-9
 
     @property
     def latency_ms(self) -> float:
@@ -670,7 +671,7 @@ def measure_gate(plan: SearchPlan, config: TrialConfig, records: tuple[TrialReco
     passed_over = sum(bool(r.attrs.get("passed_over")) and r.counts for r in records)
     return MeasureGate(plan.predictor, plan.measure_trials, config.baseline,
                        None if best is None else best.latency_ms, passed_over,
-                       pairs_by_backend(records))
+                       pairs_by_backend(records), screened=config.fidelity < 1)
 
 
 def _objectives(trial, result, gate: MeasureGate | None = None
@@ -998,8 +999,8 @@ def next_promotion(records: tuple[TrialRecord, ...], plan: SearchPlan
         return None
     best = best_so_far(records)
     bar = math.inf if best is None else best.latency_ms * (1 + DRIFT_FRACTION)
-    for record in sorted((r for r in records if r.state == "screened" and r.counts
-                          and r.within_budget and r.number not in tried),
+    for record in sorted((r for r in records if r.screened and r.state in ("screened", "predicted")
+                          and r.counts and r.within_budget and r.number not in tried),
                          key=lambda r: r.latency_ms):
         if record.latency_ms >= bar:
             return None
