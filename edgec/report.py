@@ -153,6 +153,18 @@ def render_markdown(manifest: dict[str, Any], rows, efficiency=None) -> str:
 
 
 # ----- chart and report.html --------------------------------------------------------------
+def png_bytes(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out tight, no Software tag: the same figure gives
+    the same bytes); the figure is closed."""
+    from matplotlib import pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def efficiency_chart(efficiency) -> bytes:
     """PNG: time per layer and its fraction of the target's peak (the efficiency gap)."""
     import matplotlib
@@ -172,14 +184,10 @@ def efficiency_chart(efficiency) -> bytes:
     right.barh(positions, [layer.efficiency * 100 for layer in layers], color="#dd8452")
     right.set_xlabel(f"% of peak ({efficiency.peak_gmacs:g} GMAC/s, {efficiency.precision})")
     figure.suptitle("latency and efficiency gap per layer")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
-def _html_table(header, rows) -> str:
+def html_table(header, rows) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
@@ -199,7 +207,7 @@ def render_html(manifest: dict[str, Any], rows, efficiency=None, chart: bytes = 
              f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>hash <code>{manifest['hash']}</code>, backend "
              f"<code>{html.escape(manifest['entry']['backend'])}</code></p>",
-             _html_table(TABLE_COLUMNS, [table_cells(row) for row in rows]),
+             html_table(TABLE_COLUMNS, [table_cells(row) for row in rows]),
              "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report_notes(manifest))
              + "</ul>"]
     if efficiency is not None:
@@ -207,13 +215,13 @@ def render_html(manifest: dict[str, Any], rows, efficiency=None, chart: bytes = 
         if chart:
             parts.append(f"<img alt='latency and efficiency per layer' "
                          f"src='data:image/png;base64,{base64.b64encode(chart).decode()}'>")
-        parts.append(_html_table(
+        parts.append(html_table(
             ("layer", "kind", "MACs", "KiB moved", "µs", "GMAC/s", "% of peak"),
             [(la.name, la.kind, f"{la.macs:,}", f"{la.bytes_moved / 1024:.1f}",
               f"{la.time_us:.1f}", f"{la.gmacs:.2f}", f"{la.efficiency * 100:.1f}")
              for la in efficiency.layers]))
     parts.append("<h2>Lineage</h2>")
-    parts.append(_html_table(("pass", "parameters (not default)", "report"), lineage_rows(manifest)))
+    parts.append(html_table(("pass", "parameters (not default)", "report"), lineage_rows(manifest)))
     parts.append(f"<details><summary>manifest.json</summary><pre>"
                  f"{html.escape(json.dumps(manifest, indent=2, sort_keys=True))}</pre></details>")
     return "".join(parts) + "</body></html>\n"

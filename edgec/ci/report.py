@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 from edgec.artifact import atomic_write_text
 from edgec.ci.index import index_path, load_index
-from edgec.report import STYLE, _html_table, format_top1
+from edgec.report import STYLE, format_top1, html_table, png_bytes
 
 REPORT_NAME = "index.html"
 COLUMNS = ("target", "device", "status", "top-1", "top-1 on", "p50 ms", "mean ± ci95 ms",
@@ -36,7 +35,7 @@ def render_report(index: dict[str, Any]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>{html.escape(summary_line(index))}</p>",
-             _html_table(COLUMNS, [row_cells(entry) for entry in entries]),
+             html_table(COLUMNS, [row_cells(entry) for entry in entries]),
              "<h2>Latency and top-1</h2>"]
     if points:
         png = base64.b64encode(latency_accuracy_chart(points)).decode()
@@ -138,8 +137,4 @@ def latency_accuracy_chart(entries: list[dict[str, Any]]) -> bytes:
     axes.set_xlabel("latency, mean ms (bars: 95 % CI)")
     axes.set_ylabel("top-1 %")
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)

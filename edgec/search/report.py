@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import shlex
 from pathlib import Path
 from typing import Any
 
-from edgec.report import STYLE, lineage_rows, markdown_table
+from edgec.report import STYLE, lineage_rows, markdown_table, png_bytes
 from edgec.search.pick import feasible_front
 
 TRIAL_COLUMNS = ("#", "config", "marks", "held-out top-1 %", "drop", "re-check drop",
@@ -65,11 +64,7 @@ def pareto_chart(outcome) -> bytes:
                     f"{', log scale' if wide else ''})")
     axes.set_ylabel("top-1 on the held-out training slice (%)")
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def _plot_trials(axes, done, outcome) -> None:
@@ -261,7 +256,7 @@ def _pick_lineage(outcome) -> list[tuple[str, str, str]]:
     return lineage_rows(json.loads(manifest.read_text()))
 
 
-def _html_table(header, rows) -> str:
+def html_table(header, rows) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
@@ -277,12 +272,12 @@ def render_html(outcome, chart: bytes) -> str:
         *(f"<li>{html.escape(line)}</li>" for line in summary_lines(outcome)), "</ul>",
         f"<img alt='held-out top-1 against latency' "
         f"src='data:image/png;base64,{base64.b64encode(chart).decode()}'>",
-        "<h2>Trials</h2>", _html_table(TRIAL_COLUMNS, trial_rows(outcome))]
+        "<h2>Trials</h2>", html_table(TRIAL_COLUMNS, trial_rows(outcome))]
     rounds = _rounds_rows(outcome)
     if rounds:
-        parts += ["<h2>Re-measurement of the finalists</h2>", _html_table(*rounds)]
+        parts += ["<h2>Re-measurement of the finalists</h2>", html_table(*rounds)]
     lineage = _pick_lineage(outcome)
     if lineage:
         parts += ["<h2>The pick's lineage</h2>",
-                  _html_table(("pass", "parameters (not default)", "report"), lineage)]
+                  html_table(("pass", "parameters (not default)", "report"), lineage)]
     return "".join(parts) + "</body></html>\n"
