@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 import warnings
@@ -94,6 +95,7 @@ class Hls4mlBackend:
                                f"layers need the hls_rewrite pass") from exc
         library = sorted((project_dir / "firmware").glob(f"{PROJECT}-*.so"))[-1]
         shutil.move(library, out_dir / "csim.so")
+        _reproducible_project(project_dir)
         files = sorted(str(p.relative_to(out_dir)) for p in project_dir.rglob("*") if p.is_file())
         return {
             "backend": self.name, "files": ["csim.so", *files], "library": "csim.so",
@@ -105,6 +107,17 @@ class Hls4mlBackend:
             "resources": estimate_resources(artifact.payload, shape, precision,
                                                               reuse, target),
         }
+
+
+def _reproducible_project(project_dir: Path) -> None:
+    """Take out what makes two conversions of one model differ: hls4ml's own record of the
+    conversion (``hls4ml_config.yml``: the absolute output folder, a random stamp and the
+    weights pickled with storage ids; synthesis does not read it) and the random library stamp
+    in ``build_lib.sh`` (it only names the C-simulation library, which is ``csim.so`` here)."""
+    (project_dir / "hls4ml_config.yml").unlink(missing_ok=True)
+    script = project_dir / "build_lib.sh"
+    if script.is_file():
+        script.write_text(re.sub(r"(?m)^LIB_STAMP=\S+$", "LIB_STAMP=edgec", script.read_text()))
 
 
 def _compile_csim(project_dir: Path) -> None:
