@@ -403,6 +403,28 @@ def _takes_precision(backend, pipeline, produces: str) -> bool:
 
 
 # ----- the study --------------------------------------------------------------------------
+SCHEMA_RACE_ATTEMPTS = 3
+
+
+def _create_or_load(plan: SearchPlan):
+    """``optuna.create_study(load_if_exists=True)``, again after a moment when another process
+    (a worker, a monitor reading the study) created the storage's schema at the same instant:
+    both insert its version row and one gets an IntegrityError."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            storage = open_storage(plan.storage, plan.request.heartbeat)
+            return optuna.create_study(storage=storage, study_name=plan.study_name,
+                                       directions=list(DIRECTIONS), load_if_exists=True,
+                                       sampler=_sampler(plan.request.seed))
+        except IntegrityError:
+            if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def open_study(plan: SearchPlan):
     """Create the study, or load it (``load_if_exists``) to resume; the baselines enqueued.
 
@@ -412,16 +434,12 @@ def open_study(plan: SearchPlan):
     (50 trials by default) are also more than a board's search can afford. The sampler's seed
     moves with the trials already in the study, so a resumed search does not replay the random
     draws of its first run."""
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     if plan.storage.startswith("sqlite:///"):
         Path(plan.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage = open_storage(plan.storage, plan.request.heartbeat)
-        study = optuna.create_study(storage=storage, study_name=plan.study_name,
-                                    directions=list(DIRECTIONS), load_if_exists=True,
-                                    sampler=_sampler(plan.request.seed))
+        study = _create_or_load(plan)
     except (ValueError, ImportError, RuntimeError, SQLAlchemyError) as exc:
         raise SearchError(f"cannot open study {plan.study_name!r} in {masked(plan.storage)}: {exc}; "
                           f"check --storage or use another --study") from exc
