@@ -334,11 +334,26 @@ run_search(SearchRequest(Path(sys.argv[1]), trials=5, out=Path(sys.argv[2]), stu
 """
 
 
+def _schema_ready(path: Path) -> bool:
+    """Whether the search has finished creating the study's tables (read-only: a poller that
+    created them itself would race the search doing the same)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
 def _trials(storage: str):
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    if not Path(storage.removeprefix("sqlite:///")).is_file():
+    if not _schema_ready(Path(storage.removeprefix("sqlite:///"))):
         return []
     try:
         return optuna.load_study(study_name="killed", storage=storage).trials

@@ -409,9 +409,10 @@ SCHEMA_RACE_ATTEMPTS = 3
 def _create_or_load(plan: SearchPlan):
     """``optuna.create_study(load_if_exists=True)``, again after a moment when another process
     (a worker, a monitor reading the study) created the storage's schema at the same instant:
-    both insert its version row and one gets an IntegrityError."""
+    both create its tables or insert its version row, and one gets an IntegrityError or, on
+    SQLite, "table ... already exists"."""
     import optuna
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
         try:
@@ -419,8 +420,9 @@ def _create_or_load(plan: SearchPlan):
             return optuna.create_study(storage=storage, study_name=plan.study_name,
                                        directions=list(DIRECTIONS), load_if_exists=True,
                                        sampler=_sampler(plan.request.seed))
-        except IntegrityError:
-            if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+        except (IntegrityError, OperationalError) as exc:
+            lost_race = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if not lost_race or attempt == SCHEMA_RACE_ATTEMPTS - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
 
