@@ -28,10 +28,11 @@ RESNET20_TARGETS = ("local", "rpi4", "rpi5", "jetson-orin-nano", "android-arm64"
 
 @pytest.fixture(scope="module")
 def digits_twice(tmp_path_factory):
-    """The digits model for local and rpi4, built twice: once through the step cache, once
-    with it off (every pass and toolchain run again)."""
+    """The digits model for local, rpi4 (TVM) and android-arm64 (.ort), built twice: once
+    through the step cache, once with it off (every pass and toolchain run again)."""
     root = tmp_path_factory.mktemp("ci")
-    request = CiRequest(DIGITS, ("local", "rpi4"), out=root / "first", measure=QUICK)
+    request = CiRequest(DIGITS, ("local", "rpi4", "android-arm64"), out=root / "first",
+                        measure=QUICK)
     first = run_ci(request)
     second = run_ci(replace(request, out=root / "second", cache=False))
     return first, second, root
@@ -42,12 +43,12 @@ def test_ci_build_publishes_one_artifact_per_target_and_an_index(digits_twice):
     index = load_index(root / "first")
     assert index == first and not failures(index)
     by_target = {entry["target"]: entry for entry in index["entries"]}
-    assert set(by_target) == {"local", "rpi4"}
+    assert set(by_target) == {"local", "rpi4", "android-arm64"}
     local, rpi4 = by_target["local"], by_target["rpi4"]
     assert local["latency"]["source"] == "measured" and local["latency"]["rounds"] == 3
     assert local["latency"]["ci95_ms"] > 0 and local["peak_rss_mb"] > 0
     assert rpi4["latency"] is None  # no board: this host is not a Raspberry Pi
-    for entry in (local, rpi4):
+    for entry in by_target.values():
         assert entry["accuracy"]["top1"] > 0.9 and entry["accuracy"]["on"] == "local"
         folder = root / "first" / entry["artifact"]
         assert entry["artifact"] == f"digits-cnn-{entry['target']}-{entry['hash'][:12]}"
@@ -58,11 +59,17 @@ def test_ci_build_publishes_one_artifact_per_target_and_an_index(digits_twice):
 
 
 def test_two_builds_from_the_same_inputs_publish_identical_bytes(digits_twice):
+    """Every target, .ort included where this machine lets its converter run without
+    address-space randomisation (a seccomp profile may refuse it: then only that one differs)."""
     first, second, root = digits_twice
-    assert [e["hash"] for e in first["entries"]] == [e["hash"] for e in second["entries"]]
     host, scratch = socket.gethostname(), str(root)
-    for entry in first["entries"]:
-        a, b = root / "first" / entry["artifact"], root / "second" / entry["artifact"]
+    for entry, again in zip(first["entries"], second["entries"], strict=True):
+        a, b = root / "first" / entry["artifact"], root / "second" / again["artifact"]
+        compiled = json.loads((a / "manifest.json").read_text())["entry"]
+        if not compiled.get("deterministic", True):
+            assert entry["target"] == "android-arm64", compiled
+            continue
+        assert entry["hash"] == again["hash"], entry["target"]
         names = sorted(p.name for p in a.iterdir())
         assert names == sorted(p.name for p in b.iterdir())
         match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
@@ -87,7 +94,8 @@ def test_the_gate_fires_on_lower_accuracy(digits_twice, tmp_path):
         measure=QUICK, rounds=1, overrides={
             "prune.budget_points": None, "prune.ratio": 0.5, "prune.finetune_epochs": 0.0,
             "budget.holdout": 300, "budget.recheck": 0}))
-    changes = compare(load_index(root / "first"), pruned, Thresholds())
+    changes = [c for c in compare(load_index(root / "first"), pruned, Thresholds()) if c.new]
+    assert [c.target for c in changes] == ["local", "rpi4"]
     for change in changes:
         assert change.accuracy_change < -1.0
         assert any("top-1" in why for why in change.regressions), change
@@ -123,8 +131,11 @@ def test_a_failed_or_vanished_target_regresses_and_bad_input_is_refused(digits_t
     failed = json.loads(json.dumps(first))
     failed["entries"][1].update(status="failed", error="CompileError: planted")
     gone = {**first, "entries": first["entries"][:1]}
-    assert compare(first, failed, Thresholds())[1].regressions == ("failed: CompileError: planted",)
-    assert compare(first, gone, Thresholds())[1].regressions == ("gone from the new index",)
+    planted, vanished = failed["entries"][1]["target"], first["entries"][1]["target"]
+    assert _change(compare(first, failed, Thresholds()), planted).regressions == (
+        "failed: CompileError: planted",)
+    assert _change(compare(first, gone, Thresholds()), vanished).regressions == (
+        "gone from the new index",)
     assert parse_fraction("5%", "--x") == pytest.approx(0.05) == parse_fraction("0.05", "--x")
     with pytest.raises(ConfigError, match="--max-latency-regress 'five'"):
         parse_fraction("five", "--max-latency-regress")
@@ -136,7 +147,11 @@ def test_a_failed_or_vanished_target_regresses_and_bad_input_is_refused(digits_t
     with pytest.raises(ConfigError, match="both hold local"):
         merge_indexes([root / "first" / "index.json", root / "second" / "index.json"])
     merged = merge_indexes([root / "first" / "index.json"])
-    assert [e["target"] for e in merged["entries"]] == ["local", "rpi4"]
+    assert [e["target"] for e in merged["entries"]] == ["android-arm64", "local", "rpi4"]
+
+
+def _change(changes, target: str):
+    return next(change for change in changes if change.target == target)
 
 
 def test_boards_of_the_inventory_evaluate_and_measure_and_an_unreachable_one_is_noted(
@@ -183,3 +198,36 @@ def test_resnet20_over_five_targets_twice_gives_identical_hashes(tmp_path):
         names = [str(p.relative_to(a)) for p in sorted(a.rglob("*")) if p.is_file()]
         assert not filecmp.cmpfiles(a, b, names, shallow=False)[1]
     assert Path(tmp_path / "a" / "index.json").is_file()
+
+
+def test_the_ort_conversion_is_byte_identical_and_reports_a_refused_flag(tmp_path):
+    """Two conversions of one model from different parent environments give the same bytes
+    where the child runs without address-space randomisation; a failing conversion is one
+    CompileError naming the converter's complaint."""
+    from edgec.errors import CompileError
+    from edgec.ort_format import convert
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(_digits_onnx())
+    first = convert(source, tmp_path / "a.ort")
+    os.environ["EDGEC_UNRELATED"] = "x" * 5000  # a parent's environment must not matter
+    try:
+        second = convert(source, tmp_path / "b.ort")
+    finally:
+        del os.environ["EDGEC_UNRELATED"]
+    assert first == second and set(first) == {"deterministic"}
+    if not first["deterministic"]:
+        pytest.skip("this machine refuses personality(ADDR_NO_RANDOMIZE) (a seccomp profile)")
+    assert (tmp_path / "a.ort").read_bytes() == (tmp_path / "b.ort").read_bytes()
+    (tmp_path / "bad.onnx").write_text("not a model")
+    with pytest.raises(CompileError, match="could not convert the model to .ort: .*Protobuf"):
+        convert(tmp_path / "bad.onnx", tmp_path / "bad.ort")
+    assert not (tmp_path / "bad.ort").exists()
+
+
+def _digits_onnx() -> bytes:
+    from edgec.model import load_model_config, load_torch_model
+    from edgec.onnx_export import export_onnx
+
+    config = load_model_config(DIGITS)
+    return export_onnx(load_torch_model(config), config.input)

@@ -2,7 +2,9 @@
 
 - ``ort-mobile`` consumes the ONNX stage (fp32 or the quantize pass's int8 QDQ) and converts it
   with ONNX Runtime's own converter. Optimisation style "Runtime": "Fixed" bakes in fused ops of
-  this x86 build that a phone's ORT build may lack; "Runtime" leaves them to the phone.
+  this x86 build that a phone's ORT build may lack; "Runtime" leaves them to the phone. The
+  conversion runs in a child process without address-space randomisation, which makes it
+  byte-identical run to run (see :mod:`edgec.ort_format`).
 - ``executorch`` consumes the torch stage: ``torch.export`` at batch 1 → XNNPACK-delegated
   ``.pte``. An int8 model comes from the ``quantize_pt2e`` pass (PT2E with XNNPACKQuantizer,
   calibrated there), because calibration data lives in passes, not backends.
@@ -11,11 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,31 +44,13 @@ class OrtMobileBackend:
         return {"onnxruntime": onnxruntime.__version__}
 
     def compile(self, artifact: Artifact, target, out_dir: Path) -> dict[str, Any]:
-        from onnxruntime.tools.convert_onnx_models_to_ort import (
-            OptimizationStyle,
-            convert_onnx_models_to_ort,
-        )
+        from edgec.ort_format import convert
 
-        # its module logger is set to DEBUG with a handler on the root logger: keep it quiet
-        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
-
-        with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
-            source = Path(tmp) / "model.onnx"
-            shutil.copyfile(artifact.payload, source)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress
-                    convert_onnx_models_to_ort(source, Path(tmp) / "out",
-                                               optimization_styles=[OptimizationStyle.Runtime])
-            except Exception as exc:
-                raise CompileError(f"ONNX Runtime could not convert the model to .ort: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            converted = sorted((Path(tmp) / "out").glob("*.ort"))
-            if not converted:
-                raise CompileError("ONNX Runtime's converter wrote no .ort file")
-            shutil.copyfile(converted[0], out_dir / "model.ort")
+        converted = convert(Path(artifact.payload), out_dir / "model.ort")
         return {"backend": self.name, "files": ["model.ort"],
                 "optimization_style": "Runtime",
-                "precision": artifact.extras.get("precision", "fp32")}
+                "precision": artifact.extras.get("precision", "fp32"),
+                "deterministic": converted["deterministic"]}
 
 
 class ExecuTorchBackend:
