@@ -23,6 +23,8 @@ from edgec.errors import ConfigError
 MODEL = "examples/digits/model.toml"
 TARGETS = ["local", "rpi4", "jetson", "pynq-z2"]  # "jetson": an alias of jetson-orin-nano
 CANONICAL = ["local", "rpi4", "jetson-orin-nano", "pynq-z2"]
+EXTRAS = {"local": "tvm,mobile", "rpi4": "tvm,mobile", "jetson-orin-nano": "tvm",
+          "pynq-z2": "fpga"}  # what each target's backends import, from pyproject's extras
 
 
 @pytest.fixture()
@@ -41,7 +43,11 @@ def test_github_workflow_matrix_boards_and_compare(boards):
     assert workflow["on"] == {"push": {"branches": ["main"]}, "pull_request": {}}
     jobs = workflow["jobs"]
     build = jobs["build"]
-    assert build["strategy"]["matrix"]["target"] == CANONICAL
+    assert build["strategy"]["matrix"]["include"] == [
+        {"target": name, "extras": EXTRAS[name]} for name in CANONICAL]
+    [install] = [step["run"] for step in build["steps"] if step.get("name") == "Install edgec"]
+    assert "download.pytorch.org/whl/cpu" in install
+    assert 'pip install "edgec[${{ matrix.extras }}]"' in install
     assert build["runs-on"] == "ubuntu-latest"
     assert any("--budget 0.5" in step.get("run", "") for step in build["steps"])
     profiles = {name: job for name, job in jobs.items() if name.startswith("profile-")}
@@ -50,6 +56,7 @@ def test_github_workflow_matrix_boards_and_compare(boards):
         job = profiles["profile-" + label.replace(".", "-")]
         assert job["runs-on"] == ["self-hosted", label] and job["needs"] == "build"
         runs = [step["run"] for step in job["steps"] if "run" in step]
+        assert any(f'pip install "edgec[{EXTRAS[target]}]"' in r for r in runs)
         assert any(f"--targets {target} --device {label} --out dist/{label}" in r for r in runs)
         downloads = [s["with"] for s in job["steps"] if "download-artifact" in s.get("uses", "")]
         assert downloads == [{"name": f"edgec-{target}", "path": f"dist/{target}"}]
@@ -64,11 +71,13 @@ def test_github_workflow_matrix_boards_and_compare(boards):
 def test_gitlab_pipeline_stages_matrix_tags_and_merge_request_rule(boards):
     pipeline = yaml.safe_load(gitlab_pipeline(TARGETS, boards, MODEL))
     assert pipeline["stages"][0] == "build" and pipeline["stages"][-1] == "compare"
-    assert pipeline["build"]["parallel"]["matrix"] == [{"TARGET": CANONICAL}]
+    assert pipeline["build"]["parallel"]["matrix"] == [
+        {"TARGET": name, "EXTRAS": EXTRAS[name]} for name in CANONICAL]
+    assert 'pip install "edgec[$EXTRAS]"' in pipeline["build"]["script"][0]
     assert pipeline["profile-pi-lab-1"]["tags"] == ["pi-lab-1"]
     assert pipeline["profile-orin-desk"]["tags"] == ["orin.desk"]
     assert pipeline["profile-orin-desk"]["needs"] == [
-        {"job": "build", "parallel": {"matrix": [{"TARGET": "jetson-orin-nano"}]}}]
+        {"job": "build", "parallel": {"matrix": [{"TARGET": "jetson-orin-nano", "EXTRAS": "tvm"}]}}]
     assert pipeline["profile-pi-lab-1"]["artifacts"]["paths"] == ["dist/pi-lab-1/"]
     compare = pipeline["compare"]
     assert compare["rules"] == [{"if": '$CI_PIPELINE_SOURCE == "merge_request_event"'}]
@@ -90,6 +99,17 @@ def test_every_edgec_command_is_a_real_ci_command_with_real_options(boards):
             known = {opt for param in command.params for opt in param.opts}
             unknown = [w for w in words if w.startswith("--") and w not in known]
             assert not unknown, f"{' '.join(words)}: no such option {unknown}"
+
+
+def test_the_extras_a_workflow_installs_are_the_projects_own():
+    import tomllib
+    from pathlib import Path
+
+    from edgec.backends import BACKEND_EXTRAS, BACKENDS
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert set(BACKEND_EXTRAS.values()) <= set(pyproject["project"]["optional-dependencies"])
+    assert set(BACKEND_EXTRAS) <= set(BACKENDS)
 
 
 def test_write_workflow_paths_and_actionlint(tmp_path, boards):

@@ -17,3 +17,7 @@ BACKENDS = {
     "litert": LiteRtBackend,
     "hls4ml": Hls4mlBackend,
 }
+
+# The pyproject optional dependencies (`pip install "edgec[EXTRA]"`) a backend needs; the others
+# need only the core install (onnxruntime) or a toolchain outside pip (TensorRT on the Jetson).
+BACKEND_EXTRAS = {"tvm": "tvm", "executorch": "mobile", "hls4ml": "fpga", "litert": "litert"}

@@ -24,8 +24,28 @@ from edgec.targets import load_target
 PROVIDERS = {"github": Path(".github/workflows/edgec.yml"), "gitlab": Path(".gitlab-ci.yml")}
 ALLOWED_COMMANDS = (("ci", "build"), ("ci", "merge"), ("ci", "diff"), ("ci", "report"))
 DIFF_LIMITS = "--max-latency-regress 5% --max-accuracy-drop 0.2"
+TORCH_CPU = ("# the CPU build of torch: a build runner has no GPU, and the CUDA wheels are GBs\n"
+             "pip install torch --index-url https://download.pytorch.org/whl/cpu\n")
 INSTALL = ("# installs the checked-out project (edgec itself, or a model repository that depends "
            "on edgec)\npip install -e .\n")
+CI_EXTRAS_SKIPPED = ("litert",)  # opt-in (about 2 GB with jax): a recipe that wants it says so
+
+
+def target_extras(target: str) -> str:
+    """The edgec extras a target's backends need, comma-separated (``tvm,mobile`` for rpi4)."""
+    from edgec.backends import BACKEND_EXTRAS
+
+    extras = (BACKEND_EXTRAS.get(name) for name in load_target(target).backends)
+    return ",".join(dict.fromkeys(e for e in extras if e and e not in CI_EXTRAS_SKIPPED))
+
+
+def install_script(extras: str | None = None) -> str:
+    """Install the project and, for a build, torch's CPU wheels and the target's extras (pip
+    keeps the edgec installed just before and adds only the extras' dependencies)."""
+    if extras is None:
+        return INSTALL
+    extra_line = f'pip install "edgec[{extras}]"\n' if extras else ""
+    return TORCH_CPU + INSTALL + extra_line
 MERGE = "edgec ci merge dist/*/index.json --out dist/index.json\nedgec ci report dist/\n"
 DIFF = ("if [ -f baseline/index.json ]; then\n"
         f"  edgec ci diff baseline/index.json dist/index.json {DIFF_LIMITS}\n"
@@ -84,16 +104,17 @@ def gitlab_pipeline(targets: list[str], boards: dict[str, str], model: str,
         "stages": ["build", "profile", "report", "compare"],
         "default": {"image": "python:3.11"},
         "build": {"stage": "build", "rules": rules,
-                  "parallel": {"matrix": [{"TARGET": targets}]},
-                  "script": [INSTALL, _build_command(model, '"$TARGET"', '"dist/$TARGET"', budget)],
+                  "parallel": {"matrix": [_gl_cell(target) for target in targets]},
+                  "script": [install_script("$EXTRAS"),
+                             _build_command(model, '"$TARGET"', '"dist/$TARGET"', budget)],
                   "artifacts": {"when": "always", "paths": ["dist/"]}},
     }
     for label, target in boards.items():
         pipeline[_job_id(label)] = {
             "stage": "profile", "tags": [label], "rules": rules,
-            "needs": [{"job": "build", "parallel": {"matrix": [{"TARGET": target}]}}],
-            "script": [INSTALL, _build_command(model, target, f"dist/{label}", budget,
-                                               device=label)],
+            "needs": [{"job": "build", "parallel": {"matrix": [_gl_cell(target)]}}],
+            "script": [install_script(target_extras(target)),
+                       _build_command(model, target, f"dist/{label}", budget, device=label)],
             "artifacts": {"when": "always", "paths": [f"dist/{label}/"]}}
     pipeline["index"] = {"stage": "report", "rules": [{**rule, "when": "always"} for rule in rules],
                          "script": [INSTALL, MERGE],
@@ -115,11 +136,16 @@ def workflow_commands(text: str) -> list[list[str]]:
     return commands
 
 
+def _gl_cell(target: str) -> dict[str, str]:
+    """One cell of the build matrix; a board's job names the same cell in its ``needs``."""
+    return {"TARGET": target, "EXTRAS": target_extras(target)}
+
+
 # ----- GitHub jobs --------------------------------------------------------------------------
-def _gh_setup() -> list[dict[str, Any]]:
+def _gh_setup(extras: str | None = None) -> list[dict[str, Any]]:
     return [{"uses": "actions/checkout@v4"},
             {"uses": "actions/setup-python@v5", "with": {"python-version": "3.11"}},
-            {"name": "Install edgec", "run": INSTALL}]
+            {"name": "Install edgec", "run": install_script(extras)}]
 
 
 def _gh_upload(name: str, path: str) -> dict[str, Any]:
@@ -131,8 +157,9 @@ def _gh_upload(name: str, path: str) -> dict[str, Any]:
 def _gh_build(targets: list[str], model: str, budget: float | None) -> dict[str, Any]:
     target = "${{ matrix.target }}"
     return {"name": f"build {target}", "runs-on": "ubuntu-latest",
-            "strategy": {"fail-fast": False, "matrix": {"target": targets}},
-            "steps": [*_gh_setup(),
+            "strategy": {"fail-fast": False, "matrix": {"include": [
+                {"target": name, "extras": target_extras(name)} for name in targets]}},
+            "steps": [*_gh_setup("${{ matrix.extras }}"),
                       {"name": "Build, evaluate and check the budget",
                        "run": _build_command(model, target, f"dist/{target}", budget)},
                       _gh_upload(f"edgec-{target}", f"dist/{target}")]}
@@ -141,7 +168,7 @@ def _gh_build(targets: list[str], model: str, budget: float | None) -> dict[str,
 def _gh_profile(label: str, target: str, model: str, budget: float | None) -> dict[str, Any]:
     return {"name": f"profile {target} on {label}", "needs": "build",
             "runs-on": ["self-hosted", label],
-            "steps": [*_gh_setup(),
+            "steps": [*_gh_setup(target_extras(target)),
                       {"uses": "actions/download-artifact@v4",
                        "with": {"name": f"edgec-{target}", "path": f"dist/{target}"}},
                       {"name": f"Build and profile on {label}",
