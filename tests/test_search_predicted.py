@@ -175,3 +175,32 @@ def test_modes_and_models_that_cannot_serve_are_refused(latency_model, tmp_path)
                                             threads=2)))
     plan = plan_search(_request(tmp_path, model_file, None, 2))
     assert plan.measure_trials == "promising" and plan.predictor.device == "local"
+
+
+def test_ci_build_predicts_a_board_it_cannot_measure_and_says_why_it_cannot(latency_model,
+                                                                           tmp_path):
+    """`edgec ci build --latency-model`: rpi4 has no board here, so its entry's latency comes
+    from the model, marked predicted. The model is local's, relabelled rpi4 (this host's
+    profiles stand in for a board's; the key is all the CI path reads). A model that holds no
+    rpi4 leaves the latency empty and the note says why."""
+    import json
+
+    from edgec.ci.build import CiRequest, run_ci
+    from edgec.measure import MeasureSpec
+    from edgec.search.predict import Predictor
+
+    model_file, _ = latency_model
+    data = json.loads(model_file.read_text())
+    for model in data["models"]:
+        model["key"]["device"] = "rpi4"
+    relabelled = tmp_path / "rpi4.json"
+    relabelled.write_text(json.dumps(data))
+    request = CiRequest(DIGITS, ("rpi4",), out=tmp_path / "dist", latency_model=relabelled,
+                        measure=MeasureSpec(repeat=20, min_time_s=0.05), rounds=1)
+    [entry] = run_ci(request)["entries"]
+    expected = Predictor.load(relabelled, "rpi4", 1).predict(tmp_path / "dist" / entry["artifact"])
+    assert entry["latency"]["source"] == "predicted" and entry["latency"]["on"] == "rpi4"
+    assert entry["latency"]["mean_ms"] == pytest.approx(expected.latency_ms) and entry["note"] == ""
+    [missing] = run_ci(replace(request, out=tmp_path / "dist2", latency_model=model_file))["entries"]
+    assert missing["status"] == "ok" and missing["latency"] is None
+    assert missing["note"].startswith("latency not predicted: ") and "no model of rpi4" in missing["note"]

@@ -188,7 +188,8 @@ def build_entry(request: CiRequest, config: Configuration, job: Job, model_name:
              "note": "" if reached or not job.device else f"board {job.device} not reached: "
                                                          f"evaluated here, not measured"}
     if entry["latency"] is None and request.latency_model is not None:
-        entry["latency"] = predicted_latency(request, job, request.out / name)
+        entry["latency"], why_not = predicted_latency(request, job, request.out / name)
+        entry["note"] = "; ".join(filter(None, [entry["note"], why_not]))
     return entry
 
 
@@ -255,20 +256,21 @@ def _accuracy(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def predicted_latency(request: CiRequest, job: Job, directory: Path) -> dict[str, Any] | None:
-    """The latency model's mean for the board (or the target's name), marked predicted; None
-    when it holds no model for it."""
+def predicted_latency(request: CiRequest, job: Job,
+                      directory: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the latency model's mean for the board, or the target's name, marked predicted, '') or
+    (None, why it could not predict: no model of that board, another runtime version, ...)."""
     from edgec.search.predict import Predictor
 
     try:
         predictor = Predictor.load(request.latency_model, job.device or job.target,
                                    request.measure.threads)
         prediction = predictor.predict(directory)
-    except EdgecError:
-        return None
+    except EdgecError as exc:
+        return None, f"latency not predicted: {exc}"
     value = prediction.latency_ms
     return {"p50_ms": value, "mean_ms": value, "ci95_ms": value * prediction.error, "n": 0,
-            "rounds": 0, "source": "predicted", "on": job.device or job.target}
+            "rounds": 0, "source": "predicted", "on": job.device or job.target}, ""
 
 
 PUBLISHED_EXTRA = ("manifest.json",)  # besides the manifest's files (deployable ones, runner.py)
