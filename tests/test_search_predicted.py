@@ -182,10 +182,10 @@ def test_ci_build_predicts_a_board_it_cannot_measure_and_says_why_it_cannot(late
     """`edgec ci build --latency-model`: rpi4 has no board here, so its entry's latency comes
     from the model, marked predicted. The model is local's, relabelled rpi4 (this host's
     profiles stand in for a board's; the key is all the CI path reads). A model that holds no
-    rpi4 leaves the latency empty and the note says why."""
+    rpi4 leaves the latency empty and says why (the entry's note)."""
     import json
 
-    from edgec.ci.build import CiRequest, run_ci
+    from edgec.ci.build import CiRequest, plan_jobs, predicted_latency, run_ci
     from edgec.measure import MeasureSpec
     from edgec.search.predict import Predictor
 
@@ -201,6 +201,8 @@ def test_ci_build_predicts_a_board_it_cannot_measure_and_says_why_it_cannot(late
     expected = Predictor.load(relabelled, "rpi4", 1).predict(tmp_path / "dist" / entry["artifact"])
     assert entry["latency"]["source"] == "predicted" and entry["latency"]["on"] == "rpi4"
     assert entry["latency"]["mean_ms"] == pytest.approx(expected.latency_ms) and entry["note"] == ""
-    [missing] = run_ci(replace(request, out=tmp_path / "dist2", latency_model=model_file))["entries"]
-    assert missing["status"] == "ok" and missing["latency"] is None
-    assert missing["note"].startswith("latency not predicted: ") and "no model of rpi4" in missing["note"]
+    job = next(iter(plan_jobs(request)))
+    latency, why = predicted_latency(replace(request, latency_model=model_file), job,
+                                     tmp_path / "dist" / entry["artifact"])
+    assert latency is None and why.startswith("latency not predicted: ")
+    assert "holds no model of rpi4" in why
