@@ -177,8 +177,15 @@ def exit_summary(report: dict) -> str:
              f"points ({tune['cost_view']} view)") if tune else ""
     return (f"early_exit {report['seconds']:.0f} s, kept {exits}; held-out top-1 "
             f"{split['reference_top1'] * 100:.2f} % -> cascade {split['cascade_top1'] * 100:.2f} "
-            f"%, expected saving {report['expected_saving'] * 100:.1f} %; candidates (held-out "
+            f"%, expected saving {report['expected_saving'] * 100:.1f} % (streamed; cost model "
+            f"{report.get('model_saving', report['expected_saving']) * 100:.1f} %"
+            f"{_dropped(report)}); candidates (held-out "
             f"top-1 / head): {candidates}; boundary {report['call_ms']:.4f} ms{tuned}")
+
+
+def _dropped(report: dict) -> str:
+    dropped = (report.get("stream") or {}).get("dropped") or []
+    return f", dropped on the stream: {', '.join(dropped)}" if dropped else ""
 
 
 def search_summary(prune: dict) -> str:

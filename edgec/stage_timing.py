@@ -44,16 +44,41 @@ class StageCall:
 
 
 @dataclass(frozen=True)
+class CascadeStream:
+    """Stage models (each but the last with its head and confidence, as
+    :func:`edgec.stages.stage_graphs` cuts them) run as the cascade backend runs them: an image
+    leaves at the first stage whose confidence reaches its threshold."""
+
+    models: tuple[str, ...]
+    thresholds: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.thresholds) != len(self.models) - 1:
+            raise MeasureError(f"cascade stream: {len(self.models)} stages need "
+                               f"{len(self.models) - 1} thresholds, got {len(self.thresholds)}")
+
+
+def _stream_json(stream) -> list[str] | dict[str, Any]:
+    if isinstance(stream, CascadeStream):
+        return {"models": list(stream.models), "thresholds": list(stream.thresholds)}
+    return list(stream)
+
+
+def _stream_models(stream) -> tuple[str, ...]:
+    return stream.models if isinstance(stream, CascadeStream) else tuple(stream)
+
+
+@dataclass(frozen=True)
 class StageTimingPlan:
     """What to time, batch 1: ``models`` (file name → serialised ONNX), ``calls`` (each timed
     ``repeat`` times after ``warmup``), ``streams`` (chains of models, each fed the previous
-    one's first output, timed per image over ``images`` for ``rounds`` rounds after one warm-up
-    round). ``images`` are uint8 N×H×W×C, preprocessed by the runner with ``input`` (the model's
-    InputSpec as JSON)."""
+    one's first output, or cascades, :class:`CascadeStream`; timed per image over ``images``
+    for ``rounds`` rounds after one warm-up round). ``images`` are uint8 N×H×W×C, preprocessed
+    by the runner with ``input`` (the model's InputSpec as JSON)."""
 
     models: dict[str, bytes]
     calls: tuple[StageCall, ...]
-    streams: tuple[tuple[str, ...], ...]
+    streams: tuple[tuple[str, ...] | CascadeStream, ...]
     images: np.ndarray
     input: dict[str, Any]
     repeat: int = 200
@@ -67,7 +92,7 @@ class StageTimingPlan:
             raise MeasureError(f"timing plan: model file names {bad} must be plain '*.onnx' "
                                f"names (letters, digits, '_.+-')")
         named = {c.model for c in self.calls} | {n for c in self.calls for n in c.feed} | {
-            n for stream in self.streams for n in stream}
+            n for stream in self.streams for n in _stream_models(stream)}
         if named - set(self.models):
             raise MeasureError(f"timing plan names models {sorted(named - set(self.models))} "
                                f"it does not carry; it has {sorted(self.models)}")
@@ -80,7 +105,7 @@ class StageTimingPlan:
     def timing_json(self) -> dict[str, Any]:
         """The plan as the runner reads it from the bundle's manifest (``timing``)."""
         return {"calls": [{"model": c.model, "feed": list(c.feed)} for c in self.calls],
-                "streams": [list(stream) for stream in self.streams]}
+                "streams": [_stream_json(stream) for stream in self.streams]}
 
     def runner_args(self, data: Path) -> list[str]:
         return ["time-stages", "--data", str(data), "--repeat", str(self.repeat), "--rounds",

@@ -215,6 +215,33 @@ def test_build_reports_what_the_runner_reproduces(tmp_path):
     assert stream["exits"] == accuracy["exits"] and len(stream["samples_ms"]) == 500
 
 
+def test_the_stream_check_drops_an_exit_that_does_not_pay(digits_model, digits_config,
+                                                          digits_data, tmp_path):
+    """A cascade whose exit never fires (threshold above 1) streams slower than the plain model
+    on this machine's runner: the check measures that and drops the exit; a threshold of 0
+    sends every image out at the exit (the runner's own histogram)."""
+    from edgec.passes import early_exit as pass_module
+    from edgec.targets import load_target
+
+    calibration = digits_data[0]
+    params = EarlyExitParams(**DIGITS_EXIT)
+    ctx = Context(load_target("local"), digits_config.input, calibration, tmp_path,
+                  baseline=digits_model)
+    model, _ = pass_module._build(trace(digits_model), ["conv1"], params, ctx)
+    deploy, data = model.deployable(), calibration.slice(0, 400)
+    always = pass_module.stream_saving(deploy, [0], [0.0], data, params, ctx)
+    assert always["histogram"] == [400, 0]
+    combined = onnx.load_from_string(pass_module._export(deploy, params, ctx))
+    outputs = run_graph(combined, data, digits_config.input, 1, features=False)
+    costs = pass_module.measure_costs(combined, 1, params, ctx)
+    kept, thresholds, record = pass_module.check_on_stream(
+        deploy, ["conv1"], outputs, data, costs, 1.0, ([0], [1.5]), params, ctx)
+    assert (kept, thresholds, record["dropped"]) == ([], [], ["conv1"])
+    [check] = record["checks"]
+    assert check["histogram"] == [0, 400] and check["measured_saving"] < 0
+    assert check["cascade_ms"] > check["plain_ms"] > 0 and record["measured_saving"] == 0.0
+
+
 def test_bad_exit_point_names_the_known_blocks(digits_model, digits_config, digits_data, tmp_path):
     params = EarlyExitParams(**{**DIGITS_EXIT, "after": ("conv9",)})
     with pytest.raises(PassError, match="conv9.*known: .*conv1"):

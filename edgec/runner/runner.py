@@ -428,14 +428,16 @@ def time_stages(manifest, args):
     ``manifest['timing']`` holds ``calls``, each ``{"model", "feed"}``: the model run alone on
     the input it sees when the first image runs through the ``feed`` models in turn, ``--repeat``
     rounds after ``--warmup``; and ``streams``, each a list of models run in turn over every
-    image, one at a time (ms per image), ``--rounds`` rounds after one warm-up round. The calls
-    take turns round by round, and so do the streams, so that machine noise hits all alike."""
+    image, one at a time (ms per image), ``--rounds`` rounds after one warm-up round, or a
+    cascade ``{"models", "thresholds"}`` run as the cascade backend's artifact runs it (an image
+    leaves at the first stage whose confidence reaches its threshold). The calls take turns
+    round by round, and so do the streams, so that machine noise hits all alike."""
     import onnxruntime as ort
 
     plan = manifest["timing"]
     names = {call["model"] for call in plan["calls"]} | {
         name for call in plan["calls"] for name in call["feed"]} | {
-        name for stream in plan["streams"] for name in stream}
+        name for stream in plan["streams"] for name in stream_models(stream)}
     sessions = {name: ort_session(HERE / name, args.threads) for name in sorted(names)}
     images, _ = read_split(args.data, args.start, args.count)
     x = preprocess(images, manifest["input"])
@@ -468,20 +470,43 @@ def time_calls(sessions, calls, first, args):
     return [timing_record(call, store) for call, store in zip(calls, samples)]
 
 
+def stream_models(stream):
+    """The model names of a stream: a plain chain (a list) or a cascade (a dict)."""
+    return stream["models"] if isinstance(stream, dict) else stream
+
+
+def _chain(sessions):
+    stages = [(s.run, s.get_inputs()[0].name) for s in sessions]
+
+    def one(x):
+        for run, name in stages:
+            x = run(None, {name: x})[0]
+        return x
+
+    return one
+
+
 def time_streams(sessions, streams, images, rounds):
-    """One timing record per stream: ms per image of each round (see time_stages)."""
-    chains = [[(sessions[name].run, sessions[name].get_inputs()[0].name) for name in stream]
-              for stream in streams]
-    samples = [[] for _ in chains]
-    for _ in range(rounds + 1):  # the first round warms up
-        for store, chain in zip(samples, chains):
+    """One timing record per stream: ms per image of each round (see time_stages); a cascade's
+    record also holds its exit histogram over one round (final output last)."""
+    runs = []
+    for stream in streams:
+        chosen = [sessions[name] for name in stream_models(stream)]
+        runs.append(Cascade(chosen, stream["thresholds"]) if isinstance(stream, dict)
+                    else _chain(chosen))
+    samples = [[] for _ in runs]
+    for round_ in range(rounds + 1):  # the first round warms up
+        for store, run in zip(samples, runs):
+            if isinstance(run, Cascade) and round_ == rounds:
+                run.exits = [0] * len(run.exits)  # the last round's histogram: one pass
+            one = run.one if isinstance(run, Cascade) else run
             t0 = time.perf_counter()
             for i in range(len(images)):
-                x = images[i:i + 1]
-                for run, name in chain:
-                    x = run(None, {name: x})[0]
+                one(images[i:i + 1])
             store.append((time.perf_counter() - t0) * 1e3 / len(images))
-    return [timing_record({"models": stream}, store[1:]) for stream, store in zip(streams, samples)]
+    return [timing_record({**(stream if isinstance(stream, dict) else {"models": stream}),
+                           **exit_histogram(run)}, store[1:])
+            for stream, run, store in zip(streams, runs, samples)]
 
 
 def timing_record(what, samples):
