@@ -204,7 +204,7 @@ def test_build_for_rpi4_evaluates_on_the_emulated_board(emulated_board, tmp_path
 
 
 def test_search_on_the_emulated_board_measures_there(emulated_board, tmp_path, monkeypatch):
-    """`edgec search --target rpi4 --device NAME`: six trials built for the board's own CPU,
+    """`edgec search --target rpi4 --device NAME`: four trials built for the board's own CPU,
     each measured and (partly) evaluated over SSH on the emulated aarch64 board; the pick's
     latency is the board's, and its rebuild command names the device."""
     from edgec.devices.inventory import save_device
@@ -217,7 +217,7 @@ def test_search_on_the_emulated_board_measures_there(emulated_board, tmp_path, m
     monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
     monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
     outcome = run_search(SearchRequest(
-        EXAMPLES / "digits" / "model.toml", target="rpi4", device="emulated-rpi4", trials=6,
+        EXAMPLES / "digits" / "model.toml", target="rpi4", device="emulated-rpi4", trials=4,
         recipes=("fp32", "int8"), backends=("onnxruntime",), overrides={"budget.holdout": 250},
         measure=MeasureSpec(warmup=2, repeat=10, min_time_s=0.0), eval_count=EVAL_IMAGES,
         out=tmp_path / "out"))
@@ -225,7 +225,7 @@ def test_search_on_the_emulated_board_measures_there(emulated_board, tmp_path, m
     complete = [r for r in built if r.state == "complete"]
     print(f"\nsearch on the emulated rpi4: {len(built)} built, {len(complete)} complete; pick "
           f"{outcome.pick and outcome.pick.record.label()}: {outcome.pick and outcome.pick.decision}")
-    assert len(built) == 6 and len(complete) >= 4
+    assert len(built) == 4 and len(complete) >= 3  # ~20 s a trial under qemu
     for record in complete:
         manifest = read_manifest(Path(record.attrs["artifact"]))
         assert manifest["accuracy_on_device"]["total"] == EVAL_IMAGES

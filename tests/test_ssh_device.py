@@ -53,17 +53,21 @@ def test_profile_over_ssh_uploads_once_and_reports_board_state(ssh_server, digit
 @pytest.mark.slow
 def test_resnet20_over_ssh_agrees_with_local(ssh_server, resnet20_int8_artifact, cifar_test,
                                              tmp_path):
+    """The same artifact measured here and over SSH on this host agrees. Measured twice each,
+    interleaved, the faster p50 of each compared: other load only ever adds time, and one
+    window of a shared VM was seen at twice its usual p50 (1.07 against 0.49 ms)."""
     spec = MeasureSpec(warmup=20, repeat=200, min_time_s=0.5)
-    local = LocalDevice().measure(resnet20_int8_artifact, spec)
     images = tmp_path / "images.npz"
     np.savez(images, images=cifar_test.images[:300], labels=cifar_test.labels[:300])
+    local, remote = [], []
     with SSHDevice(board(ssh_server, tmp_path / "board")) as device:
-        remote = device.measure(resnet20_int8_artifact, spec)
+        for _ in range(2):
+            local.append(LocalDevice().measure(resnet20_int8_artifact, spec).p50)
+            remote.append(device.measure(resnet20_int8_artifact, spec).p50)
         on_board = device.evaluate(resnet20_int8_artifact, str(images))
     here = LocalDevice().evaluate(resnet20_int8_artifact, str(images))
-    print(f"\nResNet-20 int8 p50: local {local.p50:.3f} ms, ssh {remote.p50:.3f} ms "
-          f"(n={len(local.samples_ms)}/{len(remote.samples_ms)})")
-    assert 0.5 < remote.p50 / local.p50 < 2.0
+    print(f"\nResNet-20 int8 p50: local {local} ms, ssh {remote} ms")
+    assert 0.5 < min(remote) / min(local) < 2.0
     assert on_board["predictions_sha256"] == here["predictions_sha256"]
     assert device.uploads == 2  # the artifact and the images, once each
 
