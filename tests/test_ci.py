@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import math
 import os
 import socket
 from dataclasses import replace
@@ -110,7 +111,9 @@ def test_the_gate_fires_on_lower_accuracy(digits_twice, tmp_path):
 
 def test_the_gate_fires_on_a_slower_artifact_and_weighs_the_noise(tmp_path):
     """ResNet-20 on this host: the fp32 build after the int8 one is a real slowdown (+56 to
-    +82 % measured in three runs here, each beyond the noise by at least 0.17 ms)."""
+    +82 % in three quiet runs here, each beyond the noise by at least 0.17 ms); the gate fires
+    on it exactly when it is beyond the noise, and always on the int8 index planted 50 % slower
+    at its own noise."""
     data = tmp_path / "data.toml"
     data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
                     f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 500\n')
@@ -122,8 +125,16 @@ def test_the_gate_fires_on_a_slower_artifact_and_weighs_the_noise(tmp_path):
     fast = run_ci(replace(base, recipe="int8", out=tmp_path / "int8"))
     slow = run_ci(replace(base, recipe="fp32", out=tmp_path / "fp32"))
     [change] = compare(fast, slow, Thresholds())
-    assert change.latency_change > 0.2
-    assert any("latency" in why for why in change.regressions)
+    print(f"fp32 after int8: {change.latency_change:+.1%}")  # +56 to +82 % on a quiet machine
+    old, new = fast["entries"][0]["latency"], slow["entries"][0]["latency"]
+    beyond = new["mean_ms"] - old["mean_ms"] - math.hypot(old["ci95_ms"], new["ci95_ms"])
+    # a VM's noisy window can widen the rounds' interval past the slowdown (CI saw it twice):
+    # then the gate must stay quiet, and otherwise fire
+    assert any("latency" in why for why in change.regressions) == (
+        beyond > Thresholds().max_latency_regress * old["mean_ms"])
+    planted = json.loads(json.dumps(fast))  # the int8 artifact, 50 % slower at the same noise
+    planted["entries"][0]["latency"]["mean_ms"] *= 1.5 + 2 * old["ci95_ms"] / old["mean_ms"]
+    assert any("latency" in why for why in compare(fast, planted, Thresholds())[0].regressions)
     # the other way round is an improvement, and a slowdown inside the noise is none
     assert not compare(slow, fast, Thresholds())[0].regressions
     noisy = json.loads(json.dumps(fast))
