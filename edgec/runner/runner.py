@@ -499,10 +499,9 @@ def time_streams(sessions, streams, images, rounds):
         for store, run in zip(samples, runs):
             if isinstance(run, Cascade) and round_ == rounds:
                 run.exits = [0] * len(run.exits)  # the last round's histogram: one pass
-            one = run.one if isinstance(run, Cascade) else run
             t0 = time.perf_counter()
             for i in range(len(images)):
-                one(images[i:i + 1])
+                run(images[i:i + 1])
             store.append((time.perf_counter() - t0) * 1e3 / len(images))
     return [timing_record({**(stream if isinstance(stream, dict) else {"models": stream}),
                            **exit_histogram(run)}, store[1:])
