@@ -74,6 +74,7 @@ class Row:
     scheme: str = "-"
     directory: Path | None = None
     note: str = ""
+    predicted: dict | None = None  # an early-exit row's pass: its saving and top-1 drop
 
 
 def torch_row(model, spec, evaluation, macs) -> Row:
@@ -159,6 +160,9 @@ def edgec_row(model_path, recipe: Path | str, workdir: Path, base_macs: float,
     if "early_exit" in reports:
         row.exits = "/".join(str(n) for n in manifest["accuracy"]["exits"])
         row.macs = None  # depends on the image; see the exit histogram
+        report = reports["early_exit"]
+        row.predicted = {"saving": report["expected_saving"],
+                         "drop": report["threshold_split"].get("predicted_drop_points")}
         notes.append(exit_summary(reports["early_exit"]))
     row.note = "; ".join(n for n in notes if n)
     return row
@@ -236,6 +240,28 @@ def print_table(model_name: str, count: int, rows: list[Row]) -> None:
     for r in rows:
         if r.note:
             print(f"{r.name}: {r.note}")
+    for line in prediction_checks(rows, base):
+        print(line)
+
+
+def prediction_checks(rows: list[Row], base: Row | None) -> list[str]:
+    """Each early-exit row's predictions against this run: the pass's saving against the
+    stream mean measured here (vs edgec int8), its threshold-split top-1 drop against the test
+    drop from PyTorch fp32 (quantization included)."""
+    fp32 = next((r for r in rows if r.name == "PyTorch eager fp32"), None)
+    lines = []
+    for r in rows:
+        if r.predicted is None or base is None or fp32 is None:
+            continue
+        measured = (1 - r.stream_mean / base.stream_mean) * 100
+        saving = r.predicted["saving"] * 100
+        drop, test_drop = r.predicted["drop"], (fp32.top1 - r.top1) * 100
+        dropped = (f"; top-1 drop predicted {drop:.2f} points (threshold split), test "
+                   f"{test_drop:.2f} vs fp32, error {test_drop - drop:+.2f}"
+                   if drop is not None else "")
+        lines.append(f"{r.name} predictions: saving {saving:.1f} %, measured {measured:.1f} % "
+                     f"(error {measured - saving:+.1f} points){dropped}")
+    return lines
 
 
 def load_config_and_data(model_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def test_budget_zero_keeps_threshold_split_accuracy(resnet20, resnet20_config, c
     split = report["threshold_split"]
     assert split["cascade_top1"] >= split["plain_top1"]
     assert sum(split["histogram"]) == 800
+    assert split["predicted_drop_points"] <= 0.0
     assert report["expected_saving"] >= 0.0
     kept = [c["after"] for c in report["candidates"] if c["kept"]]
     assert [e["after"] for e in built.extras["cascade"]["exits"]] == kept
@@ -242,6 +244,46 @@ def test_the_stream_check_drops_an_exit_that_does_not_pay(digits_model, digits_c
     assert check["cascade_ms"] > check["plain_ms"] > 0 and record["measured_saving"] == 0.0
 
 
+def test_agreement_thresholds_do_not_read_labels_and_bound_the_drop(digits_model, digits_config,
+                                                                    digits_data, tmp_path):
+    """threshold_target = "agreement" judges every output against the final output's class:
+    the same exits and thresholds with the split's labels shuffled, and the cascade's true top-1
+    falls by at most the budget (a cascade loses top-1 only where it disagrees)."""
+    from edgec.passes import early_exit as pass_module
+    from edgec.targets import load_target
+
+    calibration = digits_data[0]
+    params = EarlyExitParams(**{**DIGITS_EXIT, "threshold_target": "agreement", "budget": 2.0,
+                                "epochs": 20, "lr": 0.01})  # a head that is sure of some images
+    ctx = Context(load_target("local"), digits_config.input, calibration, tmp_path,
+                  baseline=digits_model)
+    model, _ = pass_module._build(trace(digits_model), ["conv1"], params, ctx)
+    pass_module._train_heads(model, calibration.slice(0, 800), params, ctx)
+    data = calibration.slice(800, 1200)
+    combined = onnx.load_from_string(pass_module._export(model.deployable(), params, ctx))
+    outputs = run_graph(combined, data, digits_config.input, 1, features=False)
+    costs = ee.CostModel(segments=(0.01, 0.03), heads=(0.001,), call=0.001)
+    shuffled = Dataset(data.images, np.random.default_rng(0).permutation(data.labels), "shuffled")
+    choices = []
+    for split in (data, shuffled):
+        judged = pass_module.threshold_targets(split, outputs[0], "agreement")
+        assert (judged.labels == outputs[0].argmax(1)).all() and "agreement" in judged.origin
+        choices.append(pass_module._choose(outputs, judged.labels, costs, 1.0, params))  # 100 %
+    assert choices[0] == choices[1]
+    kept, thresholds = choices[0]
+    assert kept == [0] and 0.0 < thresholds[0] <= 1.0  # the head is good enough to fire
+    exit_at = ee.cascade_exits([ee.confidence(outputs[1])], thresholds)
+    cascade = ee.cascade_correct(exit_at, [outputs[1].argmax(1) == data.labels],
+                                 outputs[0].argmax(1) == data.labels)
+    assert 0 < (exit_at == 0).sum() < len(data)
+    assert cascade.mean() >= top1(outputs[0], data.labels) - 0.02
+    by_labels = dataclasses.replace(params, threshold_target="labels")  # these read labels
+    assert (pass_module._choose(outputs, data.labels, costs, top1(outputs[0], data.labels),
+                                by_labels) !=
+            pass_module._choose(outputs, shuffled.labels, costs,
+                                top1(outputs[0], shuffled.labels), by_labels))
+
+
 def test_bad_exit_point_names_the_known_blocks(digits_model, digits_config, digits_data, tmp_path):
     params = EarlyExitParams(**{**DIGITS_EXIT, "after": ("conv9",)})
     with pytest.raises(PassError, match="conv9.*known: .*conv1"):
@@ -262,6 +304,7 @@ def test_too_little_calibration_data_is_one_clear_error(digits_model, digits_con
     ({"cost_precision": "int4"}, "cost_precision 'int4'"),
     ({"finetune_cost_view": "rotated"}, "finetune_cost_view 'rotated'"),
     ({"finetune_heads": -1}, "finetune_heads must be >= 0"),
+    ({"threshold_target": "teacher"}, "threshold_target 'teacher'"),
     ({"tresholds": [0.9]}, "did you mean 'thresholds'"),
 ])
 def test_params_errors(table, message):

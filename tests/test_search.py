@@ -495,3 +495,67 @@ def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_pick
     assert "screened" in (outcome.plan.out / "report.md").read_text()
     again = run_search(request)
     assert again.new_trials == () and len(again.records) == len(outcome.records)
+
+
+
+EXIT_RECIPE = """
+name = "exit-int8-small"
+[[step]]
+pass = "fuse"
+[[step]]
+pass = "early_exit"
+after = ["layer2.2", "layer3.0"]
+head = "mlp"
+train_count = 1000
+threshold_count = 500
+cache_count = 1000
+epochs = 20
+lr = 0.01
+cost_precision = "int8"  # cost_repeats at its default: 20 timings chose no exit once in four
+[[step]]
+pass = "quantize"
+calibration_count = 128
+[search]  # the exits' dimensions only
+early_exit.head = ["mlp"]
+early_exit.budget = [2.0]
+quantize.mode = ["int8"]
+quantize.scheme = ["u8s8"]
+quantize.per_channel = [true]
+quantize.calibration = ["data"]
+quantize.calibration_method = ["minmax"]
+"""
+
+
+def test_exits_are_a_search_dimension_kept_only_where_the_stream_pays(tmp_path, monkeypatch):
+    """An early-exit recipe in the study (ResNet-20, 2,000 training images): its number of
+    exits and exit budget are searched, and every trial's cascade was streamed on the search's
+    device, its exits kept only with a positive measured saving (the others dropped), which the
+    trial's row reports."""
+    from edgec.search.study import run_search
+    from tests.conftest import shared_file
+
+    recipe, data = tmp_path / "exit.toml", tmp_path / "data.toml"
+    recipe.write_text(EXIT_RECIPE)
+    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
+                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 100\n')
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
+    outcome = run_search(_request(tmp_path / "out", model=EXAMPLES / "resnet20_cifar10" /
+                                  "model.toml", data=data, recipes=(str(recipe),), trials=2,
+                                  budget=2.0))
+    names = {d.name for d in outcome.plan.candidates["exit-int8-small"].space.dimensions}
+    assert {"early_exit.budget", "early_exit.max_exits"} <= names
+    built = [r for r in outcome.records if r.scored and "repeat_of" not in r.attrs]
+    assert built
+    report = (outcome.plan.out / "report.md").read_text()
+    for record in built:
+        exits, overrides = record.attrs["exits"], record.overrides
+        assert {"early_exit.budget", "early_exit.max_exits"} <= set(overrides)
+        assert len(exits["kept"]) <= overrides["early_exit.max_exits"]
+        if exits["kept"]:
+            assert exits["measured_on"] == "local" and exits["stream_saving"] > 0
+            assert all(0 < rate <= 1 for _, rate in exits["kept"])
+        assert set(exits["dropped"]) <= {"layer2.2", "layer3.0"}
+        kept = ", ".join(f"{after} ({rate * 100:.0f} %)" for after, rate in exits["kept"])
+        assert f"exits {kept or 'none'}" in report
+    assert any(r.attrs["exits"]["stream_saving"] is not None for r in built), \
+        "the cost model chose no exit in any trial: nothing was streamed"

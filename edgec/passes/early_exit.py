@@ -52,6 +52,7 @@ from edgec.stages import auto_points, split_segments, stage_graphs, trace
 from edgec.train import distill
 
 COST_PRECISIONS = ("fp32", "int8")
+THRESHOLD_TARGETS = ("labels", "agreement")
 STREAM_IMAGES = 100  # calibration images streamed to measure what a stage boundary costs
 # The chosen cascade is checked against the plain model on this many threshold-split images,
 # in order, the rounds interleaved: ResNet-56's exits lost on the stream what stage-by-stage
@@ -91,6 +92,11 @@ class EarlyExitParams:
     the backbone: first-stage heads (ResNet-20/56: at most 51 % test top-1, never chosen) would
     pull it for exits that never pay, and neighbouring heads are near duplicates.
     ``cost_precision``: measure stage costs on the fp32 or the int8 (quantized) stage graphs.
+    ``threshold_target``: what an output is judged against on the threshold split. "labels":
+    the true labels, the cascade's top-1 within ``budget`` points of the reference; "agreement":
+    the final output's own class, the cascade's agreement with it within ``budget`` points of
+    100 % (the split's labels are not read: thresholds for unlabelled data). A cascade's top-1
+    falls by at most its disagreement, so the agreement budget also bounds the top-1 drop.
     """
 
     after: tuple[str, ...] | str = "auto"
@@ -115,6 +121,7 @@ class EarlyExitParams:
     finetune_heads: int = 0
     cost_precision: str = "fp32"
     cost_repeats: int = 200
+    threshold_target: str = "labels"
     opset: int = 17
 
     def __post_init__(self):
@@ -140,6 +147,7 @@ class EarlyExitParams:
             raise ValueError(f"finetune_lr {self.finetune_lr} and final_weight "
                              f"{self.final_weight} must be > 0")
         check_choice("cost_precision", self.cost_precision, COST_PRECISIONS)
+        check_choice("threshold_target", self.threshold_target, THRESHOLD_TARGETS)
         if self.finetune_augment:
             check_choice("finetune_augment", self.finetune_augment, AUGMENTS)
         check_choice("finetune_cost_view", self.finetune_cost_view, VIEWS)
@@ -181,16 +189,17 @@ class EarlyExitPass:
         costs = measure_costs(combined, len(points), params, ctx)
         ctx.progress(f"early_exit: choosing exits and thresholds among {len(points)} candidates")
         outputs = run_graph(combined, choice_data, ctx.input_spec, len(points), features=False)
+        judged = threshold_targets(choice_data, outputs[0], params.threshold_target)
         reference, spent = _reference_top1(artifact.payload, model, outputs[0], choice_data,
-                                           finetuned, params, ctx)
-        kept, thresholds = _choose(outputs, choice_data.labels, costs, reference, params)
+                                           judged.labels, finetuned, params, ctx)
+        kept, thresholds = _choose(outputs, judged.labels, costs, reference, params)
         stream = None
         if kept and not params.thresholds:  # fixed thresholds: the user's cascade, kept as is
-            kept, thresholds, stream = check_on_stream(deploy, points, outputs, choice_data,
-                                                       costs, reference, (kept, thresholds),
-                                                       params, ctx)
+            kept, thresholds, stream = check_on_stream(deploy, points, outputs, judged, costs,
+                                                       reference, (kept, thresholds), params,
+                                                       ctx)
         choice = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]],
-                                  choice_data.labels, thresholds, costs.subset(kept))
+                                  judged.labels, thresholds, costs.subset(kept))
         choice["reference_top1"] = reference
         choice["model_saving"] = choice["expected_saving"]
         if stream is not None:
@@ -206,7 +215,7 @@ class EarlyExitPass:
                              for k, t, rate in zip(kept, thresholds, choice["rates"])],
                    "expected_saving": choice["expected_saving"]}
         report = {**_report(points, kept, thresholds, outputs, choice, costs, macs, head_data,
-                            choice_data, finetuned, time.perf_counter() - started),
+                            judged, finetuned, time.perf_counter() - started),
                   "costs_measured_on": cost_device(ctx).name, "stream": stream}
         ctx.progress(f"early_exit: {len(kept)} exits {[points[k] for k in kept]}, expected "
                      f"saving {choice['expected_saving'] * 100:.1f} %")
@@ -214,13 +223,23 @@ class EarlyExitPass:
                                float_nodes=ee.head_node_names(onnx.load_from_string(exported)))
 
 
-def _reference_top1(source, model: ee.ExitModel, final_logits, data: Dataset, finetuned: dict,
-                    params, ctx) -> tuple[float, float]:
-    """(the top-1 the budget counts from on the threshold split, the points joint fine-tuning
-    spent). The budget counts from the pass's input model, so what the fine-tune cost the final
-    output, measured in ``finetune_cost_view``, is spent from it: the reference is the
-    fine-tuned final output's own top-1 plus that cost (a negative cost counts as 0)."""
-    final_top1 = top1(final_logits, data.labels)
+def threshold_targets(data: Dataset, final_logits: np.ndarray, target: str) -> Dataset:
+    """The threshold split with the labels its outputs are judged against: its own labels, or
+    for "agreement" the final output's classes (see ``EarlyExitParams.threshold_target``)."""
+    if target == "labels":
+        return data
+    return replace(data, labels=np.argmax(final_logits, 1).astype(data.labels.dtype),
+                   origin=f"{data.origin} (agreement with the final output)")
+
+
+def _reference_top1(source, model: ee.ExitModel, final_logits, data: Dataset, targets,
+                    finetuned: dict, params, ctx) -> tuple[float, float]:
+    """(the top-1 the budget counts from on the threshold split, judged against ``targets``,
+    and the points joint fine-tuning spent). The budget counts from the pass's input model, so
+    what the fine-tune cost the final output (on ``data``'s labels, in ``finetune_cost_view``)
+    is spent from it: the reference is the fine-tuned final output's own top-1 plus that cost
+    (a negative cost counts as 0)."""
+    final_top1 = top1(final_logits, targets)
     if not finetuned or params.thresholds:
         return final_top1, 0.0
     view, spec = params.finetune_cost_view, ctx.input_spec
@@ -524,6 +543,8 @@ def _report(points, kept, thresholds, outputs, choice, costs, macs, head_data, c
                             "reference_top1": choice["reference_top1"],
                             "plain_top1": choice["plain_top1"],
                             "cascade_top1": choice["cascade_top1"],
+                            "predicted_drop_points": round(
+                                (choice["reference_top1"] - choice["cascade_top1"]) * 100, 3),
                             "histogram": choice["histogram"]},
         "expected_ms": round(choice["expected_ms"], 4), "plain_ms": round(choice["plain_ms"], 4),
         "expected_saving": round(choice["expected_saving"], 4),

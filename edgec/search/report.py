@@ -118,6 +118,8 @@ def _row(record, outcome) -> tuple[str, ...]:
         status = "interrupted: its process stopped (killed?); queued again"
     if "retry_of" in record.attrs:
         status += f" (runs trial {record.attrs['retry_of']} again)"
+    if "exits" in record.attrs:
+        status += f"; {_exits(record.attrs['exits'])}"
     if not record.scored or "repeat_of" in record.attrs:
         return (str(record.number), config, ", ".join(marks), "-", "-", "-", "-", "-", "-", "-",
                 "-", _seconds(record), status)
@@ -129,6 +131,16 @@ def _row(record, outcome) -> tuple[str, ...]:
             "-" if test is None else f"{test:.2f}",
             _latency(record), f"{record.attrs['latency_p50_ms']:.4g}",
             f"{record.size_bytes / 1024:.1f}", _cache(record), _seconds(record), status)
+
+
+def _exits(exits: dict) -> str:
+    """'exits conv1 (31 %), streamed saving 12.0 % on local; dropped on the stream: conv2'."""
+    kept = ", ".join(f"{after} ({rate * 100:.0f} %)" for after, rate in exits["kept"]) or "none"
+    saving = exits["stream_saving"]
+    text = f"exits {kept}" + ("" if saving is None else
+                              f", streamed saving {saving * 100:.1f} % on {exits['measured_on']}")
+    return text + (f"; dropped on the stream: {', '.join(exits['dropped'])}"
+                   if exits["dropped"] else "")
 
 
 def _latency(record) -> str:

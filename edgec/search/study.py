@@ -722,9 +722,24 @@ def _objectives(trial, result, gate: MeasureGate | None = None
         "test_top1": None if test is None else round(test * 100, 4),
         "size_bytes": manifest["size_bytes"],
         "steps": [[step["pass"], step.get("cache", "run")] for step in manifest["lineage"]],
-        "warnings": list(result.warnings)}
+        "warnings": list(result.warnings), **exit_attrs(manifest)}
     _set_attrs(trial, attrs)
     return (latency.mean, heldout, manifest["size_bytes"]), ledger["spent"]
+
+
+def exit_attrs(manifest: dict) -> dict:
+    """{"exits": ...} for a cascade: the exits kept with their rates on the threshold split, those
+    the stream check dropped, and the saving it measured on the build's device (the board when
+    the search measures on one); {} for other models."""
+    report = next((step["report"] for step in manifest["lineage"]
+                   if step["pass"] in CASCADE_PASSES), None)
+    if report is None:
+        return {}
+    stream = report.get("stream") or {}
+    return {"exits": {"kept": [[e["after"], e["rate"]] for e in report["exits"]],
+                      "dropped": stream.get("dropped", []),
+                      "stream_saving": stream.get("measured_saving"),
+                      "measured_on": report.get("costs_measured_on")}}
 
 
 def _fail(study, trial, started: float, status: str, error: str, trace: str = "") -> None:
