@@ -163,7 +163,7 @@ def edgec_row(model_path, recipe: Path | str, workdir: Path, base_macs: float,
         report = reports["early_exit"]
         row.predicted = {"saving": report["expected_saving"],
                          "drop": report["threshold_split"].get("predicted_drop_points")}
-        notes.append(exit_summary(reports["early_exit"]))
+        notes.append(exit_summary(report))
     row.note = "; ".join(n for n in notes if n)
     return row
 

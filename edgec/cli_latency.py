@@ -5,8 +5,11 @@ Results go to stdout; errors and skipped keys to stderr.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +17,9 @@ from rich.table import Table
 
 from edgec.cli_errors import fail
 from edgec.errors import ConfigError, DataError, EdgecError
+
+if TYPE_CHECKING:
+    from edgec.latency import LatencyModel
 
 latency_app = typer.Typer(no_args_is_help=True,
                           help="A latency model per board, fit on edgec's own profiles.")
@@ -52,13 +58,29 @@ def fit_table(model) -> Table:
     return table
 
 
-def fit_device(device: str, profiles: Path, holdout: int = 0) -> list[tuple]:
-    """Fit every key of the device's profiles, ``holdout`` configurations of each left out and
-    predicted: [(model, held-out errors or None)]. Keys with too few configurations are skipped
-    with a line on stderr; a DataError when nothing could be fit."""
-    from edgec.latency import evaluate, fit, samples_from_profiles
-    from edgec.latency.fit import hold_out
+@dataclass(frozen=True)
+class KeyFit:
+    """One key's fit: its model (fit without the first hold-out draw's configurations), the
+    errors of each hold-out draw (empty without a hold-out; see
+    :func:`edgec.latency.fit.held_out_draws`) and the board's repeatability over all of the
+    key's configurations measured more than once."""
 
+    model: LatencyModel
+    held_out: tuple[dict, ...]
+    repeatability: dict | None
+
+
+def fit_device(device: str, profiles: Path, holdout: int = 0, draws: int = 1) -> list[KeyFit]:
+    """Fit every key of the device's profiles. With ``holdout``, ``draws`` times (seeds 0, 1,
+    ...) that many configurations of each key are left out, the model fit without them and
+    predicted on them. Keys with too few configurations, and draws the model cannot predict,
+    are skipped with a line on stderr; a DataError when nothing could be fit."""
+    from edgec.latency import fit, samples_from_profiles
+    from edgec.latency.fit import held_out_draws, repeatability
+
+    if draws < 1 or (draws > 1 and not holdout):
+        raise ConfigError(f"--draws {draws}: give 1 or more draws, and more than 1 only with "
+                          f"--holdout N")
     stale: list[str] = []
     grouped = samples_from_profiles(profiles, device, stale)
     if stale:
@@ -72,22 +94,57 @@ def fit_device(device: str, profiles: Path, holdout: int = 0) -> list[tuple]:
     fitted = []
     for key, samples in grouped.items():
         try:
-            train, held = hold_out(samples, holdout) if holdout else (samples, [])
-            model = fit(train, key)
-            fitted.append((model, evaluate(model, held) if held else None))
+            model, reports, refused = (held_out_draws(samples, key, holdout, draws) if holdout
+                                       else (fit(samples, key), [], []))
         except DataError as exc:
             errors.print(f"skipped: {escape(str(exc))}", highlight=False, soft_wrap=True)
+            continue
+        for reason in refused:
+            errors.print(f"left out: {escape(reason)}", highlight=False, soft_wrap=True)
+        fitted.append(KeyFit(model, tuple(reports), repeatability(samples)))
     if not fitted:
         raise DataError(f"no key of {device} has enough measured configurations to fit; "
                         f"measure more and fit again")
     return fitted
 
 
-def held_out_line(report: dict) -> str:
+def _errors_text(report: dict) -> str:
     tau = report["kendall_tau"]
-    return (f"held out: {report['n']} configurations, MAPE {_percent(report['mape'])}, median "
-            f"{_percent(report['median_ape'])}, within ±10 % {_percent(report['within_10'])}, "
-            f"Kendall τ {'-' if tau is None else f'{tau:.3f}'}")
+    return (f"MAPE {_percent(report['mape'])}, median {_percent(report['median_ape'])}, within "
+            f"±10 % {_percent(report['within_10'])}, Kendall τ "
+            f"{'-' if tau is None else f'{tau:.3f}'}")
+
+
+def repeatability_line(report: dict | None) -> str:
+    """How well the board pins a configuration's latency down (the floor for any model)."""
+    if report is None:
+        return ("repeatability: fewer than 2 configurations measured twice (sample with "
+                "--rounds 2 or more to see the board's own noise)")
+    halves = report["halves"]
+    return (f"repeatability over {report['n']} configurations measured 2+ times: their mean "
+            f"latencies known to ±{_percent(report['mean_se'])} (median standard error; a "
+            f"perfect model would be off by a median {_percent(report['floor_median_ape'])}); "
+            f"alternate halves of their measurements against each other: {_errors_text(halves)}")
+
+
+def held_out_line(report: dict) -> str:
+    line = f"held out (draw {report['draw']}): {report['n']} configurations, {_errors_text(report)}"
+    floor = report.get("repeatability")
+    if floor is not None:
+        line += (f"; a perfect model, against these {floor['n']} configurations measured 2+ "
+                 f"times: median {_percent(floor['floor_median_ape'])}")
+    return line
+
+
+def draws_line(reports: tuple[dict, ...]) -> str:
+    """Held-out errors over several draws: one draw of a few configurations is itself noisy."""
+    medians = [r["median_ape"] for r in reports]
+    taus = [r["kendall_tau"] for r in reports if r["kendall_tau"] is not None]
+    tau_text = (f"Kendall τ median {np.median(taus):.3f} (from {min(taus):.3f} to "
+                f"{max(taus):.3f})" if taus else "Kendall τ -")
+    return (f"over {len(reports)} hold-out draws of {reports[0]['n']} configurations: median "
+            f"error median {_percent(float(np.median(medians)))} (from {_percent(min(medians))} "
+            f"to {_percent(max(medians))}), {tau_text}")
 
 
 @latency_app.command("fit")
@@ -97,26 +154,33 @@ def fit_command(
     out: Path = typer.Option(None, help="model file (default: latency/DEVICE.json)"),
     holdout: int = typer.Option(0, help="configurations per key left out of the fit and "
                                         "predicted (the saved model is fit without them)"),
+    draws: int = typer.Option(1, help="hold-out draws: each leaves out another --holdout "
+                                      "configurations, fits again and predicts them"),
 ):
     """Fit a latency model per key of the device's profiles; write latency/DEVICE.json.
 
-    One model per (backend, runtime, threads, governor); prints its candidates' LOO errors and,
-    with --holdout, its errors on configurations it was not fit on."""
+    One model per (backend, runtime, threads, governor); prints its candidates' LOO errors, the
+    board's repeatability and, with --holdout, its errors on configurations it was not fit on
+    (with --draws K, on K draws of them, summarised)."""
     from edgec.latency import save
 
     try:
         path = out or model_path(device)
         model_path(device)  # the device name is a folder of the profile database too
-        fitted = fit_device(device, profiles, holdout)
-        save(path, [model for model, _ in fitted])
+        fitted = fit_device(device, profiles, holdout, draws)
+        save(path, [key_fit.model for key_fit in fitted])
     except EdgecError as exc:
         fail(exc)
-    for model, held in fitted:
+    for key_fit in fitted:
+        model = key_fit.model
         console.print(f"{model.key.describe()}: {model.samples} samples, {model.configurations} "
                       f"configurations", highlight=False, markup=False, soft_wrap=True)
         console.print(fit_table(model))
-        if held is not None:
-            console.print(held_out_line(held), highlight=False, markup=False, soft_wrap=True)
+        held = key_fit.held_out
+        for line in (repeatability_line(key_fit.repeatability),
+                     *([held_out_line(held[0])] if held else []),
+                     *([draws_line(held)] if len(held) > 1 else [])):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {len(fitted)} model(s) to {path}", highlight=False, markup=False,
                   soft_wrap=True)
 

@@ -61,6 +61,17 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def cifar10_data_toml(path: Path, calibration: int = 2000, evaluation: int | None = None
+                      ) -> Path:
+    """A data TOML at ``path``: calibration from the first ``calibration`` CIFAR-10 training
+    images, evaluation on the first ``evaluation`` test images (all 10,000 when None)."""
+    count = "" if evaluation is None else f"count = {evaluation}\n"
+    path.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\n'
+                    f'count = {calibration}\n'
+                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\n{count}')
+    return path
+
+
 @pytest.fixture(scope="session")
 def cifar_test():
     from edgec.data import SplitSpec, load_split
@@ -164,9 +175,7 @@ def resnet20_int8_artifact(tmp_path_factory, resnet20_config):
     from edgec.build import BuildRequest, build
 
     out = tmp_path_factory.mktemp("resnet20-build")
-    data = out / "data.toml"
-    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
-                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 1000\n')
+    data = cifar10_data_toml(out / "data.toml", evaluation=1000)
     return build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml", target="local",
                               recipe=ROOT / "passes" / "int8.toml", data=data, profile=False,
                               out=out)).directory

@@ -24,7 +24,7 @@ from edgec.devices import LocalDevice
 from edgec.devices.ssh import SSHDevice
 from edgec.measure import MeasureSpec
 from tests import sshd
-from tests.conftest import EXAMPLES, ROOT, host_saturates, shared_file
+from tests.conftest import EXAMPLES, ROOT, cifar10_data_toml, host_saturates
 
 ARM64_ROOT = Path(os.environ.get("EDGEC_ARM64_ROOT", ROOT / ".board" / "arm64-root"))
 HOST_IP, BOARD_IP = "10.77.9.1", "10.77.9.2"  # our own namespace's addresses, nothing else
@@ -106,10 +106,7 @@ def emulated_board():
 def rpi4_artifact(tmp_path_factory):
     """ResNet-20 int8 for the rpi4 target (onnxruntime), calibrated on the training split."""
     out = tmp_path_factory.mktemp("rpi4-build")
-    data = out / "data.toml"
-    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 512\n'
-                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\n'
-                    f'count = {EVAL_IMAGES}\n')
+    data = cifar10_data_toml(out / "data.toml", calibration=512, evaluation=EVAL_IMAGES)
     result = build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml",
                                 target="rpi4", recipe=ROOT / "passes" / "int8.toml", data=data,
                                 profile=False, out=out / "artifact"))
@@ -177,9 +174,7 @@ def test_build_for_rpi4_evaluates_on_the_emulated_board(emulated_board, tmp_path
                                connect_timeout_s=60.0, command_timeout_s=900.0)
     save_device(config, tmp_path / "devices")
     monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
-    data = tmp_path / "data.toml"
-    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 512\n'
-                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\n')
+    data = cifar10_data_toml(tmp_path / "data.toml", calibration=512)
     result = build(BuildRequest(model=EXAMPLES / "resnet20_cifar10" / "model.toml",
                                 target="rpi4", recipe=ROOT / "passes" / "int8.toml", data=data,
                                 device="emulated-rpi4", eval_count=EVAL_IMAGES,
@@ -279,7 +274,7 @@ def test_resnet20_latency_model_on_the_emulated_board(emulated_board, tmp_path, 
     SSH on the emulated rpi4 (onnxruntime: cuts x multiples x int8 schemes, per channel or
     not), `edgec latency fit --holdout 10` fits the board's model without 10 of them and
     predicts those: median error within 10 % and Kendall tau at least 0.8."""
-    from edgec.cli_latency import fit_device, held_out_line
+    from edgec.cli_latency import fit_device, held_out_line, repeatability_line
     from edgec.devices.inventory import save_device
     from edgec.latency.sample import SampleRequest, run_sample
 
@@ -297,9 +292,11 @@ def test_resnet20_latency_model_on_the_emulated_board(emulated_board, tmp_path, 
         progress=print)
     print(f"measured {len(outcome.measured)}, found {len(outcome.skipped)}, not buildable "
           f"{len(outcome.unbuildable)}")
-    [(model, held)] = fit_device("emulated-rpi4", out / "profiles", holdout=10)
+    [fitted] = fit_device("emulated-rpi4", out / "profiles", holdout=10)
+    model, [held] = fitted.model, fitted.held_out
     print(f"{model.key.describe()}: {model.configurations} configurations fit, chosen "
           f"{model.chosen}, leave-one-out {model.loo[model.chosen]}")
+    print(repeatability_line(fitted.repeatability))
     print(held_out_line(held))
     assert model.key.runtime.startswith("onnxruntime=") and held["n"] == 10
     assert held["median_ape"] <= 0.10 and held["kendall_tau"] >= 0.8

@@ -20,7 +20,7 @@ from edgec.ci.index import load_index, merge_indexes
 from edgec.cli import app
 from edgec.errors import ConfigError
 from edgec.measure import MeasureSpec
-from tests.conftest import EXAMPLES, shared_file
+from tests.conftest import EXAMPLES, cifar10_data_toml, shared_file
 
 DIGITS = EXAMPLES / "digits" / "model.toml"
 QUICK = MeasureSpec(repeat=50, min_time_s=0.3)
@@ -114,9 +114,7 @@ def test_the_gate_fires_on_a_slower_artifact_and_weighs_the_noise(tmp_path):
     +82 % in three quiet runs here, each beyond the noise by at least 0.17 ms); the gate fires
     on it exactly when it is beyond the noise, and always on the int8 index planted 50 % slower
     at its own noise."""
-    data = tmp_path / "data.toml"
-    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
-                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 500\n')
+    data = cifar10_data_toml(tmp_path / "data.toml", evaluation=500)
     model = EXAMPLES / "resnet20_cifar10" / "model.toml"
     base = CiRequest(model, ("local",), data=data, measure=QUICK)
     fast = run_ci(replace(base, recipe="int8", out=tmp_path / "int8"))

@@ -112,10 +112,34 @@ def test_features_read_precision_kind_and_cost_from_the_onnx_files(artifacts, ta
         {quantize["params"]["per_channel"]}
     assert {row["arithmetic"] for row in tables["fp32"]["layers"]} == {"fp32"}
     assert not any(row["per_channel"] for row in tables["fp32"]["layers"])
+    assert all(isinstance(row["activation_zero_point"], int) for row in tables["int8"]["layers"])
+    assert not any("activation_zero_point" in row for row in tables["fp32"]["layers"])
     assert tables["int8"]["size_bytes"] == manifest["size_bytes"]
     assert tables["int8"]["backend"] == "onnxruntime" and tables["int8"]["stages"] == 1
     assert json.loads(json.dumps(tables["mixed"])) == tables["mixed"]  # JSON-able as is
     assert artifact_features(artifacts["int8"], threads=3)["threads"] == 3
+
+
+def test_int8_macs_count_by_their_activations_zero_point(tmp_path):
+    """s8s8 with asymmetric activations (zero point -128 after a ReLU) and with symmetric ones
+    (zero point 0) have the same arithmetic but not the same kernels (1.7x apart on the
+    emulated arm64 board): the zero point read from each DequantizeLinear tells them apart."""
+    from edgec.build import BuildRequest, build
+    from edgec.latency.features import ZERO_POINT_COLUMNS, aggregate
+
+    found = {}
+    for scheme in ("s8s8", "s8s8-symmetric"):
+        directory = build(BuildRequest(DIGITS, "local", "int8", out=tmp_path / scheme,
+                                       profile=False,
+                                       overrides={"quantize.scheme": scheme})).directory
+        found[scheme] = artifact_features(directory)
+    zero, nonzero = ZERO_POINT_COLUMNS
+    assert {row["arithmetic"] for f in found.values() for row in f["layers"]} == {"s8s8"}
+    assert {row["activation_zero_point"] for row in found["s8s8-symmetric"]["layers"]} == {0}
+    assert all(row["activation_zero_point"] != 0 for row in found["s8s8"]["layers"])
+    macs = found["s8s8"]["macs"]
+    assert (aggregate(found["s8s8"])[zero], aggregate(found["s8s8"])[nonzero]) == (0, macs)
+    assert aggregate(found["s8s8-symmetric"])[zero] == found["s8s8-symmetric"]["macs"]
 
 
 def test_torch_layer_table_matches_the_exported_onnx_one(artifacts):
@@ -417,6 +441,7 @@ def test_cli_fits_every_key_of_a_device_and_predicts_an_artifact(tables, artifac
     assert "12 samples, 12 configurations" in fitted.output
     assert "skipped: 1 distinct configurations" in fitted.output
     assert "wrote 1 model(s) to latency/pi.json" in fitted.output
+    assert "repeatability: fewer than 2 configurations measured twice" in fitted.output
     assert [m.key.runtime for m in load(tmp_path / "latency" / "pi.json")] == [
         "onnxruntime=1.31.1"]
     predicted = runner.invoke(app, ["latency", "predict", str(artifacts["int8"]), "--device",
@@ -435,7 +460,15 @@ def test_cli_fits_every_key_of_a_device_and_predicts_an_artifact(tables, artifac
     held = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "4"])
     assert held.exit_code == 0, held.output
     assert "8 samples, 8 configurations" in held.output  # fit without the 4 held out
-    assert "held out: 4 configurations, MAPE" in held.output and "Kendall τ" in held.output
+    assert "held out (draw 0): 4 configurations, MAPE" in held.output and "Kendall τ" in held.output
+    first_draw = (tmp_path / "latency" / "pi.json").read_text()
+    drawn = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "4",
+                                "--draws", "3"])
+    assert drawn.exit_code == 0, drawn.output
+    assert "over 3 hold-out draws of 4 configurations: median error median" in drawn.output
+    assert (tmp_path / "latency" / "pi.json").read_text() == first_draw  # draw 0: the model
+    undrawn = runner.invoke(app, ["latency", "fit", "--device", "pi", "--draws", "2"])
+    assert undrawn.exit_code == 2 and "more than 1 only with --holdout N" in undrawn.output
     too_many = runner.invoke(app, ["latency", "fit", "--device", "pi", "--holdout", "10"])
     assert too_many.exit_code == 2 and "cannot hold out 10 of 12" in too_many.output
 
@@ -450,6 +483,46 @@ def test_held_out_configurations_leave_with_all_their_measurements(tables):
     assert len(held) == 12 and len(ids) == 6
     assert not ids & {configuration_id(s.features) for s in train}
     assert hold_out(twice, 6, seed=3) == (train, held)  # the same draw every time
+
+
+def test_repeatability_is_what_the_boards_own_measurements_pin_down(tables):
+    """The floor for any model's error: the standard error of each configuration's mean, and
+    alternate measurements (rounds 1, 3 against 2, 4) as predictions of each other; the
+    configurations measured once do not count."""
+    from edgec.latency.fit import error_metrics, repeatability
+
+    once = make_samples(tables, additive_latency, np.linspace(0.5, 4.0, 5))
+    assert repeatability(once) is None
+    slowdown = np.random.default_rng(2).uniform(1.0, 1.5, (4, len(once)))
+    rounds = [[replace(s, latency_ms=s.latency_ms * slowdown[r, i]) for i, s in enumerate(once)]
+              for r in range(4)]
+    extra = make_samples({"fp32": tables["fp32"]}, additive_latency, [9.0])  # measured once
+    found = repeatability([s for samples in rounds for s in samples] + extra)
+    assert found["n"] == len(once)
+    se = np.median(slowdown.std(axis=0, ddof=1) / 2 / slowdown.mean(axis=0))
+    assert found["mean_se"] == pytest.approx(se) and 0.01 < se < 0.2
+    assert found["floor_median_ape"] == pytest.approx(0.674 * se)
+    base = np.array([s.latency_ms for s in once])
+    expected = error_metrics(base * slowdown[[0, 2]].mean(axis=0),
+                             base * slowdown[[1, 3]].mean(axis=0))
+    assert found["halves"] == pytest.approx(expected)
+    steady = repeatability(once + once)
+    assert steady["mean_se"] == 0 and steady["halves"]["kendall_tau"] == 1.0
+
+
+def test_a_hold_out_draw_the_model_cannot_predict_is_left_out_with_its_reason(tables):
+    """Repeated hold-out: a draw that holds out the only int8 configuration fits a model that
+    never saw int8 layers, which refuses to predict it; that draw is left out, saying why, and
+    the others are reported."""
+    from edgec.latency.fit import held_out_draws
+
+    fp32 = make_samples({"fp32": tables["fp32"]}, additive_latency, np.linspace(0.5, 4.0, 8))
+    lone_int8 = make_samples({"int8": tables["int8"]}, additive_latency, [1.0])
+    model, reports, refused = held_out_draws(fp32 + lone_int8, KEY, 2, draws=8)
+    assert refused and all(" saw no " in reason and "fp32" not in reason for reason in refused)
+    assert reports and len(reports) + len(refused) == 8
+    assert all(r["n"] == 2 and r["repeatability"] is None for r in reports)
+    assert model.configurations == 7  # the first draw's: fit without its 2
 
 
 def test_sample_measures_structures_records_features_and_resumes(tmp_path):

@@ -497,7 +497,6 @@ def test_screened_trials_fine_tune_briefly_and_only_the_promoted_one_can_be_pick
     assert again.new_trials == () and len(again.records) == len(outcome.records)
 
 
-
 EXIT_RECIPE = """
 name = "exit-int8-small"
 [[step]]
@@ -532,12 +531,11 @@ def test_exits_are_a_search_dimension_kept_only_where_the_stream_pays(tmp_path, 
     device, its exits kept only with a positive measured saving (the others dropped), which the
     trial's row reports."""
     from edgec.search.study import run_search
-    from tests.conftest import shared_file
+    from tests.conftest import cifar10_data_toml
 
-    recipe, data = tmp_path / "exit.toml", tmp_path / "data.toml"
+    recipe = tmp_path / "exit.toml"
     recipe.write_text(EXIT_RECIPE)
-    data.write_text(f'[calibration]\npath = "{shared_file("cifar10_train.npz")}"\ncount = 2000\n'
-                    f'[evaluation]\npath = "{shared_file("cifar10_test.npz")}"\ncount = 100\n')
+    data = cifar10_data_toml(tmp_path / "data.toml", evaluation=100)
     monkeypatch.setenv("EDGEC_CACHE", str(tmp_path / "cache"))
     outcome = run_search(_request(tmp_path / "out", model=EXAMPLES / "resnet20_cifar10" /
                                   "model.toml", data=data, recipes=(str(recipe),), trials=2,

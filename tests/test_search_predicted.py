@@ -27,8 +27,8 @@ def latency_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("predicted")
     run_sample(SampleRequest(DIGITS, count=16, multiples=(4,), profiles=root / "profiles",
                              measure=MeasureSpec(repeat=20, min_time_s=0.05)))
-    [(model, _)] = fit_device("local", root / "profiles")
-    return save(root / "local.json", [model]), root
+    [fitted] = fit_device("local", root / "profiles")
+    return save(root / "local.json", [fitted.model]), root
 
 
 def _request(out: Path, model_file: Path, mode: str, trials: int):

@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import ConfigError, DataError
-from edgec.latency.features import ARITHMETIC, KINDS, aggregate, aggregate_names
+from edgec.latency.features import (
+    ARITHMETIC,
+    KINDS,
+    ZERO_POINT_COLUMNS,
+    aggregate,
+    aggregate_names,
+)
 from edgec.latency.model import (
     CANDIDATES,
     COVERAGE_COLUMNS,
@@ -31,6 +37,7 @@ MIN_CONFIGURATIONS = 4  # distinct configurations a key needs to be fit (leave-o
 MIN_BOOSTED = 8  # below this many configurations only the additive model is a candidate
 ADDITIVE_COLUMNS = ("intercept", "stage_calls",
                     *(f"macs:{a}:{k}" for a in ARITHMETIC for k in KINDS), "macs:per_channel",
+                    *ZERO_POINT_COLUMNS,
                     *(f"bytes:{a}" for a in ARITHMETIC), *(f"layers:{a}" for a in ARITHMETIC))
 BOOSTED_PARAMS = {"max_iter": 40, "learning_rate": 0.2, "max_leaf_nodes": 8,
                   "min_samples_leaf": 3, "l2_regularization": 0.0, "early_stopping": False,
@@ -112,6 +119,27 @@ def configuration_errors(predicted: np.ndarray, measured: np.ndarray, groups: li
                          np.array([measured[labels == g].mean() for g in order]))
 
 
+def repeatability(samples: list[LatencySample]) -> dict[str, Any] | None:
+    """How well the board's own measurements pin each configuration down, over those measured
+    at least twice (None if fewer than two were): ``mean_se`` is the median relative standard
+    error of a configuration's mean latency (std / √k / mean), so a perfect model's median
+    error against those means would be about ``floor_median_ape`` = 0.674 · mean_se (normal
+    noise); ``halves`` is :func:`error_metrics` of one half of each configuration's
+    measurements (alternate ones in the order recorded: interleaved rounds) against the other,
+    whose Kendall τ says how far the board itself can rank them."""
+    measured: dict[str, list[float]] = {}
+    for sample in samples:
+        measured.setdefault(configuration_id(sample.features), []).append(sample.latency_ms)
+    repeated = [np.array(ms) for ms in measured.values() if len(ms) > 1]
+    if len(repeated) < 2:
+        return None
+    mean_se = float(np.median([ms.std(ddof=1) / np.sqrt(len(ms)) / ms.mean()
+                               for ms in repeated]))
+    first, second = np.array([(ms[0::2].mean(), ms[1::2].mean()) for ms in repeated]).T
+    return {"n": len(repeated), "mean_se": mean_se, "floor_median_ape": 0.674 * mean_se,
+            "halves": error_metrics(first, second)}
+
+
 def loo_predictions(candidate: str, rows: list[dict[str, float]], latency_ms: np.ndarray,
                     groups: list[str]) -> np.ndarray:
     """Each sample predicted by the candidate fit without its configuration (every repeated
@@ -179,6 +207,26 @@ def hold_out(samples: list[LatencySample], count: int, seed: int = 0
     chosen = [configuration_id(s.features) in held for s in samples]
     return ([s for s, out in zip(samples, chosen) if not out],
             [s for s, out in zip(samples, chosen) if out])
+
+
+def held_out_draws(samples: list[LatencySample], key: LatencyKey, count: int, draws: int = 1
+                   ) -> tuple[LatencyModel, list[dict[str, Any]], list[str]]:
+    """Repeated hold-out: for each of ``draws`` draws (seeds 0, 1, ...), the model fit without
+    ``count`` configurations and its errors on them (:func:`evaluate`, with ``draw`` and the
+    board's :func:`repeatability` on them). Returns the first draw's model, the reports, and
+    why a draw was left out (its held-out configurations have layer kinds its training set
+    lacks, which a model refuses to predict)."""
+    first, reports, refused = None, [], []
+    for seed in range(draws):
+        train, held = hold_out(samples, count, seed)
+        model = fit(train, key)
+        first = model if first is None else first
+        try:
+            reports.append({**evaluate(model, held), "draw": seed,
+                            "repeatability": repeatability(held)})
+        except DataError as exc:
+            refused.append(f"hold-out draw {seed}: {exc}")
+    return first, reports, refused
 
 
 def evaluate(model: LatencyModel, samples: list[LatencySample],

@@ -6,9 +6,10 @@ fit (edgec.latency.fit) and the one with the lower leave-one-configuration-out m
 percentage error is chosen:
 
 * ``additive``: latency ≈ c0 + c_stage·stage calls + Σ_layers (a_arith,kind·MACs
-  + b_arith·bytes + d_arith) + e·per-channel MACs, every coefficient ≥ 0, fit by non-negative
-  least squares on relative error (rows divided by the measured latency, columns scaled to at
-  most 1); ``arith`` is the layer's arithmetic (fp32, or an int8 kernel such as u8s8: see
+  + b_arith·bytes + d_arith) + e·per-channel MACs + z_0·int8 MACs on activations of zero
+  point 0 + z_1·int8 MACs on others, every coefficient ≥ 0, fit by non-negative least squares
+  on relative error (rows divided by the measured latency, columns scaled to at most 1);
+  ``arith`` is the layer's arithmetic (fp32, or an int8 kernel such as u8s8: see
   edgec.latency.features). Layer sums are expected values per inference: a layer of an
   early-exit stage counts with the probability that its stage runs.
 * ``boosted``: scikit-learn's HistGradientBoostingRegressor on the per-model aggregates

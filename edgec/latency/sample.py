@@ -10,9 +10,10 @@ Each backend has its own structures (:data:`BACKEND_SCHEMES`): ONNX Runtime's ar
 quantized by the ``quantize`` pass with a forced scheme; ExecuTorch's are the torch model
 quantized by ``quantize_pt2e`` (XNNPACKQuantizer: signed int8 activations and weights, so
 ``s8s8``) and lowered to a ``.pte``, as the mobile-int8 recipes build them.
-A configuration already recorded for the device, model and protocol is skipped, so an
-interrupted ``edgec latency sample`` resumes where it stopped; one recorded with features of an
-older format is measured again.
+Each structure is built once per run and measured once per round, the rounds interleaved
+over all of them. A configuration already recorded for the device, model and protocol is
+skipped, so an interrupted ``edgec latency sample`` resumes where it stopped; one recorded with
+features of an older format is measured again.
 """
 
 from __future__ import annotations
@@ -127,26 +128,30 @@ def run_sample(request: SampleRequest,
     database = ProfileDB(request.profiles)
     device = open_device(request.device)
     measured, skipped, unbuildable = [], [], []
+    built: dict[SampleConfig, tuple[Path, dict]] = {}  # each structure built once, kept a run
     try:
         done = _recorded(database, device.name, config.name)
-        for round_ in range(request.rounds):  # a slow spell of the board hits every one alike
-            for index, sample in enumerate(configs):
-                spec = replace(request.measure, threads=sample.threads)
-                if done.get(_protocol_key(sample, spec), 0) > round_:
-                    skipped += [sample] if round_ == 0 else []
-                    continue
-                if any(sample == failed for failed, _ in unbuildable):
-                    continue
-                progress(f"round {round_ + 1} of {request.rounds}, sample {index + 1} of "
-                         f"{len(configs)}: {sample.key()}")
-                try:
-                    _measure_one(sample, spec, model, config, target, calibration, device,
-                                 database)
-                except PassError as exc:  # not a structure of this model: the others count
-                    progress(f"  not buildable: {exc}")
-                    unbuildable.append((sample, str(exc)))
-                    continue
-                measured.append(sample)
+        with tempfile.TemporaryDirectory(prefix="edgec-sample-") as scratch:
+            for round_ in range(request.rounds):  # a slow spell of the board hits all alike
+                for index, sample in enumerate(configs):
+                    spec = replace(request.measure, threads=sample.threads)
+                    if done.get(_protocol_key(sample, spec), 0) > round_:
+                        skipped += [sample] if round_ == 0 else []
+                        continue
+                    if any(sample == failed for failed, _ in unbuildable):
+                        continue
+                    progress(f"round {round_ + 1} of {request.rounds}, sample {index + 1} of "
+                             f"{len(configs)}: {sample.key()}")
+                    if sample not in built:
+                        try:
+                            built[sample] = _build_one(sample, model, config, target,
+                                                       calibration, Path(scratch) / str(index))
+                        except PassError as exc:  # not a structure of this model: others count
+                            progress(f"  not buildable: {exc}")
+                            unbuildable.append((sample, str(exc)))
+                            continue
+                    _measure_one(sample, spec, *built[sample], device, database)
+                    measured.append(sample)
     finally:
         getattr(device, "close", lambda: None)()
     return SampleOutcome(tuple(measured), tuple(skipped), tuple(unbuildable))
@@ -172,21 +177,27 @@ def _recorded(database, device: str, model: str) -> dict[str, int]:
     return found
 
 
-def _measure_one(sample: SampleConfig, spec: MeasureSpec, model, config, target, calibration,
-                 device, database) -> None:
+def _build_one(sample: SampleConfig, model, config, target, calibration, scratch: Path
+               ) -> tuple[Path, dict]:
+    """The configuration's artifact directory under ``scratch`` and its manifest."""
     from edgec.build import write_artifact
+
+    scratch.mkdir(parents=True)
+    built = _structure(sample, model, config, target, calibration, scratch)
+    directory = scratch / "artifact"
+    directory.mkdir()
+    manifest = write_artifact(built, config, target, [{"sample": asdict(sample)}], directory,
+                              sample.backend)
+    return directory, manifest
+
+
+def _measure_one(sample: SampleConfig, spec: MeasureSpec, directory: Path, manifest: dict,
+                 device, database) -> None:
     from edgec.latency.features import profile_features
 
-    with tempfile.TemporaryDirectory(prefix="edgec-sample-") as scratch:
-        scratch = Path(scratch)
-        built = _structure(sample, model, config, target, calibration, scratch)
-        directory = scratch / "artifact"
-        directory.mkdir()
-        manifest = write_artifact(built, config, target, [{"sample": asdict(sample)}], directory,
-                                  sample.backend)
-        measurement = device.measure(directory, spec)
-        database.record(device.name, manifest, spec, measurement,
-                        profile_features(directory, sample.threads), {"sample": asdict(sample)})
+    measurement = device.measure(directory, spec)
+    database.record(device.name, manifest, spec, measurement,
+                    profile_features(directory, sample.threads), {"sample": asdict(sample)})
 
 
 def _structure(sample: SampleConfig, model, config, target, calibration, scratch: Path):
