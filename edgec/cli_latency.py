@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -140,10 +140,10 @@ def draws_line(reports: tuple[dict, ...]) -> str:
     """Held-out errors over several draws: one draw of a few configurations is itself noisy."""
     medians = [r["median_ape"] for r in reports]
     taus = [r["kendall_tau"] for r in reports if r["kendall_tau"] is not None]
-    tau_text = (f"Kendall τ median {np.median(taus):.3f} (from {min(taus):.3f} to "
+    tau_text = (f"Kendall τ median {median(taus):.3f} (from {min(taus):.3f} to "
                 f"{max(taus):.3f})" if taus else "Kendall τ -")
     return (f"over {len(reports)} hold-out draws of {reports[0]['n']} configurations: median "
-            f"error median {_percent(float(np.median(medians)))} (from {_percent(min(medians))} "
+            f"error median {_percent(median(medians))} (from {_percent(min(medians))} "
             f"to {_percent(max(medians))}), {tau_text}")
 
 

@@ -123,11 +123,17 @@ def layer_table_from_onnx(path: str | Path, stage: int = 0) -> list[dict]:
     return table
 
 
+def _dequantize(tensor: str, producers):
+    """The DequantizeLinear node that produces ``tensor``, else None."""
+    source = producers.get(tensor)
+    return source if source is not None and source.op_type == "DequantizeLinear" else None
+
+
 def _tensor_precision(tensor: str, producers, initializers, plain: str) -> tuple[str, str]:
     """(precision, "u" / "s" for a quantized type else "") of a layer input: the quantized
     type behind a DequantizeLinear, an initialiser's own type, else ``plain``."""
-    source = producers.get(tensor)
-    if source is not None and source.op_type == "DequantizeLinear":
+    source = _dequantize(tensor, producers)
+    if source is not None:
         for name in (source.input[0], *source.input[2:3]):  # the data, else its zero point
             if name in initializers:
                 data_type = initializers[name].data_type
@@ -145,8 +151,8 @@ def _zero_point(tensor: str, producers, initializers) -> int | None:
     constant."""
     from onnx import numpy_helper
 
-    source = producers.get(tensor)
-    if source is None or source.op_type != "DequantizeLinear":
+    source = _dequantize(tensor, producers)
+    if source is None:
         return None
     if len(source.input) < 3 or not source.input[2]:
         return 0
@@ -156,8 +162,8 @@ def _zero_point(tensor: str, producers, initializers) -> int | None:
 
 def _per_channel(weight: str, producers, initializers) -> bool:
     """Whether the DequantizeLinear behind a weight has one scale per channel."""
-    source = producers.get(weight)
-    if source is None or source.op_type != "DequantizeLinear" or len(source.input) < 2:
+    source = _dequantize(weight, producers)
+    if source is None or len(source.input) < 2:
         return False
     scale = initializers.get(source.input[1])
     return scale is not None and math.prod(scale.dims) > 1
@@ -167,8 +173,8 @@ def _onnx_shape(node, initializers, producers, cost) -> dict[str, Any]:
     """Channels, groups, kernel and stride of a Conv / Gemm / MatMul node."""
     attributes = {a.name: a for a in node.attribute}
     weight = node.input[1]
-    source = producers.get(weight)
-    if source is not None and source.op_type == "DequantizeLinear":
+    source = _dequantize(weight, producers)
+    if source is not None:
         weight = source.input[0]
     dims = list(initializers[weight].dims) if weight in initializers else []
     if node.op_type != "Conv":
