@@ -124,7 +124,9 @@ def repeatability_line(report: dict | None) -> str:
     return (f"repeatability over {report['n']} configurations measured 2+ times: their mean "
             f"latencies known to ±{_percent(report['mean_se'])} (median standard error; a "
             f"perfect model would be off by a median {_percent(report['floor_median_ape'])}); "
-            f"alternate halves of their measurements against each other: {_errors_text(halves)}")
+            f"alternate halves of their measurements against each other: {_errors_text(halves)}; "
+            f"after one common factor (x{report['halves_factor']:.3f}) between the halves: "
+            f"median {_percent(report['halves_scaled']['median_ape'])}")
 
 
 def held_out_line(report: dict) -> str:
@@ -216,7 +218,9 @@ def predict_command(
 
 @latency_app.command("sample")
 def sample_command(
-    model: Path = typer.Option(..., help="model TOML (factory/checkpoint/input/data)"),
+    model: list[Path] = typer.Option(..., help="model TOML (factory/checkpoint/input/data); "
+                                                "repeatable: the models' structures are "
+                                                "measured together"),
     device: str = typer.Option("local", help="device to measure on (devices/NAME.toml)"),
     target: str = typer.Option("local", help="target the configurations are compiled for"),
     n: int = typer.Option(40, help="configurations per backend (a larger n extends a smaller)"),
@@ -225,22 +229,28 @@ def sample_command(
                                                             "executorch"),
     multiple: list[int] = typer.Option([8, 16], help="channel multiples of pruned widths"),
     threads: list[int] = typer.Option([1], help="runtime threads (repeatable)"),
-    repeat: int = typer.Option(50, help="minimum timed runs per measurement"),
-    min_time: float = typer.Option(1.0, help="minimum seconds of timed runs"),
+    windows: int = typer.Option(20, help="windows per structure in one measurement set "
+                                         "(all structures interleaved in one process)"),
+    warmup: int = typer.Option(3, help="untimed runs at the start of each window"),
+    repeat: int = typer.Option(5, help="minimum timed runs per window"),
+    min_time: float = typer.Option(0.1, help="minimum seconds per window"),
     profiles: Path = typer.Option(Path("profiles"), help="profile database folder"),
     seed: int = typer.Option(0, help="the order the grid is drawn in"),
-    rounds: int = typer.Option(1, help="measurements per configuration, in interleaved rounds "
-                                       "(the fit compares predictions with their mean)"),
+    rounds: int = typer.Option(1, help="measurement sets per configuration (2 or more: the "
+                                       "fit states how far the board agrees with itself)"),
 ):
     """Measure N configurations per backend (MAC cuts x channel multiples x int8 schemes x
     threads) built without training and record them with their features; resumes where it
-    stopped."""
+    stopped. The structures are measured together: one runner process, short windows of each
+    in turn, each loaded afresh, the machine's drift over the run taken out."""
     from edgec.latency.sample import SampleRequest, run_sample
     from edgec.measure import MeasureSpec
 
-    request = SampleRequest(model, device, target, n, tuple(multiple), tuple(threads),
-                            MeasureSpec(repeat=repeat, min_time_s=min_time), profiles, seed,
-                            rounds, tuple(backend))
+    if windows < 1:
+        fail(ConfigError(f"--windows {windows}: need at least 1 (the default is 20)"))
+    request = SampleRequest(tuple(model), device, target, n, tuple(multiple), tuple(threads),
+                            MeasureSpec(warmup=warmup, repeat=repeat, min_time_s=min_time),
+                            profiles, seed, rounds, tuple(backend), windows)
     try:
         outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
                                                                    markup=False))

@@ -56,8 +56,9 @@ class MeasureSpec:
             raise MeasureError(f"invalid measurement protocol {self}; need warmup >= 0, "
                                f"repeat >= 1, min_time_s >= 0, threads >= 1")
 
-    def runner_args(self) -> list[str]:
-        args = ["measure", "--warmup", str(self.warmup), "--repeat", str(self.repeat),
+    def runner_args(self, mode: str = "measure") -> list[str]:
+        """The runner's command line for this protocol (``measure-set``: per window)."""
+        args = [mode, "--warmup", str(self.warmup), "--repeat", str(self.repeat),
                 "--min-time", str(self.min_time_s), "--threads", str(self.threads),
                 "--batch", str(self.batch)]
         if self.data:

@@ -157,15 +157,19 @@ def ssh_server(tmp_path_factory):
     server.stop()
 
 
+def digits_artifact(out: Path, recipe: str = "int8.toml") -> Path:
+    """The digits example built for the local target with ``recipe`` (not profiled)."""
+    from edgec.build import BuildRequest, build
+
+    return build(BuildRequest(model=EXAMPLES / "digits" / "model.toml", target="local",
+                              recipe=ROOT / "passes" / recipe, profile=False,
+                              out=out)).directory
+
+
 @pytest.fixture(scope="session")
 def digits_int8_artifact(tmp_path_factory):
     """The digits example built for the local target (int8 recipe, not profiled)."""
-    from edgec.build import BuildRequest, build
-
-    out = tmp_path_factory.mktemp("digits-build")
-    return build(BuildRequest(model=EXAMPLES / "digits" / "model.toml", target="local",
-                              recipe=ROOT / "passes" / "int8.toml", profile=False,
-                              out=out)).directory
+    return digits_artifact(tmp_path_factory.mktemp("digits-build"))
 
 
 @pytest.fixture(scope="session")

@@ -285,10 +285,11 @@ def test_resnet20_latency_model_on_the_emulated_board(emulated_board, tmp_path, 
     monkeypatch.setenv("EDGEC_DEVICES_DIR", str(tmp_path / "devices"))
     out = Path(os.environ.get("EDGEC_BOARD_LATENCY_OUT", tmp_path / "out"))
     outcome = run_sample(SampleRequest(
-        EXAMPLES / "resnet20_cifar10" / "model.toml", device="emulated-rpi4", target="rpi4",
+        (EXAMPLES / "resnet20_cifar10" / "model.toml",), device="emulated-rpi4", target="rpi4",
         count=int(os.environ["EDGEC_BOARD_LATENCY_RESNET20"]), profiles=out / "profiles",
-        measure=MeasureSpec(warmup=2, repeat=20, min_time_s=0.0),
-        rounds=int(os.environ.get("EDGEC_BOARD_LATENCY_ROUNDS", "1"))),
+        measure=MeasureSpec(warmup=1, repeat=2, min_time_s=0.0),
+        rounds=int(os.environ.get("EDGEC_BOARD_LATENCY_ROUNDS", "1")),
+        windows=int(os.environ.get("EDGEC_BOARD_LATENCY_WINDOWS", "10"))),
         progress=print)
     print(f"measured {len(outcome.measured)}, found {len(outcome.skipped)}, not buildable "
           f"{len(outcome.unbuildable)}")

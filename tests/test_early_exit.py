@@ -68,9 +68,8 @@ def _cascade(directory):
     spec = importlib.util.spec_from_file_location("artifact_runner", directory / "runner.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    runner.HERE = directory
     files = json.loads((directory / "manifest.json").read_text())["entry"]["files"]
-    return runner.load_cascade(files, 1)[0]
+    return runner.load_cascade(directory, files, 1)[0]
 
 
 def test_heads_train_deterministically(digits_model, digits_config, digits_data):

@@ -506,6 +506,11 @@ def test_repeatability_is_what_the_boards_own_measurements_pin_down(tables):
     expected = error_metrics(base * slowdown[[0, 2]].mean(axis=0),
                              base * slowdown[[1, 3]].mean(axis=0))
     assert found["halves"] == pytest.approx(expected)
+    ratio = slowdown[[0, 2]].mean(axis=0) / slowdown[[1, 3]].mean(axis=0)
+    assert found["halves_factor"] == pytest.approx(np.median(ratio))
+    assert found["halves_scaled"] == pytest.approx(error_metrics(
+        base * slowdown[[0, 2]].mean(axis=0) / np.median(ratio),
+        base * slowdown[[1, 3]].mean(axis=0)))
     steady = repeatability(once + once)
     assert steady["mean_se"] == 0 and steady["halves"]["kendall_tau"] == 1.0
 
@@ -534,9 +539,9 @@ def test_sample_measures_structures_records_features_and_resumes(tmp_path):
     from edgec.profiles import ProfileDB
     from tests.conftest import EXAMPLES
 
-    request = SampleRequest(EXAMPLES / "digits" / "model.toml", count=6, multiples=(4,),
-                            measure=MeasureSpec(repeat=10, min_time_s=0.02),
-                            profiles=tmp_path / "profiles")
+    request = SampleRequest((EXAMPLES / "digits" / "model.toml",), count=6, multiples=(4,),
+                            measure=MeasureSpec(warmup=1, repeat=5, min_time_s=0.0),
+                            profiles=tmp_path / "profiles", windows=3)
     first = run_sample(request)
     assert len(first.measured) + len(first.unbuildable) == 6 and not first.skipped
     records = ProfileDB(tmp_path / "profiles").records("local")
@@ -556,6 +561,32 @@ def test_sample_measures_structures_records_features_and_resumes(tmp_path):
     assert not run_sample(replace(request, rounds=2)).measured
     grouped = samples_from_profiles(tmp_path / "profiles", "local")
     assert sum(len(samples) for samples in grouped.values()) == 2 * len(records)
+
+
+def test_sample_measures_the_structures_of_several_models_in_one_set(tmp_path):
+    """With two models, each gets its configurations and all are measured in one set: every
+    record says how many structures its set held."""
+    from edgec.latency.sample import SampleRequest, run_sample
+    from edgec.measure import MeasureSpec
+    from edgec.profiles import ProfileDB
+    from tests.conftest import EXAMPLES
+
+    digits = EXAMPLES / "digits"
+    twin = tmp_path / "twin.toml"
+    twin.write_text((digits / "model.toml").read_text()
+                    .replace('"digits-cnn"', '"digits-twin"')
+                    .replace('"digits.py:', f'"{digits / "digits.py"}:')
+                    .replace('"data.toml"', f'"{digits / "data.toml"}"'))
+    outcome = run_sample(SampleRequest((digits / "model.toml", twin), count=3, multiples=(4,),
+                                       measure=MeasureSpec(warmup=1, repeat=3, min_time_s=0.0),
+                                       profiles=tmp_path / "profiles", windows=2))
+    records = ProfileDB(tmp_path / "profiles").records("local")
+    assert len(records) == len(outcome.measured) == 2 * 3 - len(outcome.unbuildable)
+    assert {r["model"] for r in records} == {"digits-cnn", "digits-twin"}
+    assert {r["summary"]["set_size"] for r in records} == {len(records)}
+    assert {r["summary"]["windows"] for r in records} == {2}
+    with pytest.raises(ConfigError, match="no model to sample"):
+        run_sample(SampleRequest((), profiles=tmp_path / "profiles"))
 
 
 def test_sample_grids_extend_and_take_backends_in_turns():
@@ -581,10 +612,10 @@ def test_sample_builds_executorch_structures_and_refuses_a_target_without_the_ba
     from edgec.profiles import ProfileDB
     from tests.conftest import EXAMPLES
 
-    request = SampleRequest(EXAMPLES / "digits" / "model.toml", count=2, multiples=(4,),
-                            measure=MeasureSpec(repeat=10, min_time_s=0.02),
+    request = SampleRequest((EXAMPLES / "digits" / "model.toml",), count=2, multiples=(4,),
+                            measure=MeasureSpec(warmup=1, repeat=5, min_time_s=0.0),
                             profiles=tmp_path / "profiles",
-                            backends=("onnxruntime", "executorch"))
+                            backends=("onnxruntime", "executorch"), windows=3)
     outcome = run_sample(request)
     built = [c for c in outcome.measured if c.backend == "executorch"]
     assert len(built) == 2 and not [c for c, _ in outcome.unbuildable if c.backend == "executorch"]

@@ -25,7 +25,7 @@ def latency_model(tmp_path_factory):
     from edgec.measure import MeasureSpec
 
     root = tmp_path_factory.mktemp("predicted")
-    run_sample(SampleRequest(DIGITS, count=16, multiples=(4,), profiles=root / "profiles",
+    run_sample(SampleRequest((DIGITS,), count=16, multiples=(4,), profiles=root / "profiles",
                              measure=MeasureSpec(repeat=20, min_time_s=0.05)))
     [fitted] = fit_device("local", root / "profiles")
     return save(root / "local.json", [fitted.model]), root

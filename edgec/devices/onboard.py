@@ -34,7 +34,7 @@ import threading
 import time
 
 HZ = os.sysconf("SC_CLK_TCK")
-RUNNER_MODES = ("measure", "eval", "cpu", "time-stages")
+RUNNER_MODES = ("measure", "eval", "cpu", "time-stages", "measure-set")
 OUTPUT = threading.Lock()
 RUNNING = []  # the runner's Popen while one runs
 

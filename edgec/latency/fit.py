@@ -126,7 +126,9 @@ def repeatability(samples: list[LatencySample]) -> dict[str, Any] | None:
     error against those means would be about ``floor_median_ape`` = 0.674 · mean_se (normal
     noise); ``halves`` is :func:`error_metrics` of one half of each configuration's
     measurements (alternate ones in the order recorded: interleaved rounds) against the other,
-    whose Kendall τ says how far the board itself can rank them."""
+    whose Kendall τ says how far the board itself can rank them; ``halves_scaled`` the same
+    after one common factor ``halves_factor`` (the median ratio of the halves): a machine that
+    ran every configuration of one measurement set faster alike moves no ranking."""
     measured: dict[str, list[float]] = {}
     for sample in samples:
         measured.setdefault(configuration_id(sample.features), []).append(sample.latency_ms)
@@ -136,8 +138,10 @@ def repeatability(samples: list[LatencySample]) -> dict[str, Any] | None:
     mean_se = float(np.median([ms.std(ddof=1) / np.sqrt(len(ms)) / ms.mean()
                                for ms in repeated]))
     first, second = np.array([(ms[0::2].mean(), ms[1::2].mean()) for ms in repeated]).T
+    factor = float(np.median(first / second))
     return {"n": len(repeated), "mean_se": mean_se, "floor_median_ape": 0.674 * mean_se,
-            "halves": error_metrics(first, second)}
+            "halves": error_metrics(first, second), "halves_factor": factor,
+            "halves_scaled": error_metrics(first / factor, second)}
 
 
 def loo_predictions(candidate: str, rows: list[dict[str, float]], latency_ms: np.ndarray,

@@ -3,15 +3,18 @@
 Latency does not depend on the weights' values, so a configuration's structure is built straight
 from the model: a one-shot structured prune to a MAC cut (no fine-tune, no reconstruction, no
 accuracy budget), BatchNorm folding, ONNX export and, unless fp32, int8 PTQ with a forced scheme
-calibrated on a few images; the result is compiled for the target, measured on the device with
-the search's protocol (:class:`edgec.measure.MeasureSpec`) and recorded in ProfileDB with its
-features (:func:`edgec.latency.features.artifact_features`) and the configuration it came from.
+calibrated on a few images; the result is compiled for the target, measured on the device and
+recorded in ProfileDB with its features (:func:`edgec.latency.features.artifact_features`) and
+the configuration it came from.
 Each backend has its own structures (:data:`BACKEND_SCHEMES`): ONNX Runtime's are ONNX models,
 quantized by the ``quantize`` pass with a forced scheme; ExecuTorch's are the torch model
 quantized by ``quantize_pt2e`` (XNNPACKQuantizer: signed int8 activations and weights, so
 ``s8s8``) and lowered to a ``.pte``, as the mobile-int8 recipes build them.
-Each structure is built once per run and measured once per round, the rounds interleaved
-over all of them. A configuration already recorded for the device, model and protocol is
+Each structure is built once per run. A round measures all of them together, as one
+measurement set (:func:`edgec.measure_set.measure_set`: one runner process, ``windows`` short
+windows of each, interleaved, each structure loaded afresh per window, the machine's drift
+taken out) and records one measurement per structure, whose ``level_ms`` the latency model
+learns. A configuration already recorded for the device, model and protocol is
 skipped, so an interrupted ``edgec latency sample`` resumes where it stopped; one recorded with
 features of an older format is measured again.
 """
@@ -28,12 +31,15 @@ from pathlib import Path
 from edgec.errors import ConfigError, PassError
 from edgec.latency.features import FEATURES_FORMAT
 from edgec.measure import MeasureSpec
+from edgec.measure_set import measure_set
 
 CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # MAC fractions removed
 SCHEMES = ("fp32", "u8s8", "u8u8", "s8s8", "s8s8-symmetric")
 # the structures each backend is sampled in: what edgec's recipes build for it
 BACKEND_SCHEMES = {"onnxruntime": SCHEMES, "executorch": ("s8s8",)}
 CALIBRATION_IMAGES = 64  # ranges for latency only: a few images do
+WINDOW = MeasureSpec(warmup=3, repeat=5, min_time_s=0.1)  # short: many loads beat long windows
+# (`edgec latency sample`'s defaults are these and SampleRequest.windows)
 
 
 @dataclass(frozen=True)
@@ -80,41 +86,63 @@ def _backend_grid(backend: str, multiples: tuple[int, ...], threads: tuple[int, 
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """What ``edgec latency sample`` needs."""
+    """What ``edgec latency sample`` needs: ``models`` (model TOMLs), each sampled with the
+    same ``count`` configurations per backend, all measured together."""
 
-    model: Path
+    models: tuple[Path, ...]
     device: str = "local"
     target: str = "local"
     count: int = 40
     multiples: tuple[int, ...] = (8, 16)
     threads: tuple[int, ...] = (1,)
-    measure: MeasureSpec = MeasureSpec()
+    measure: MeasureSpec = WINDOW  # one window of the measurement set
     profiles: Path = Path("profiles")
     seed: int = 0
-    rounds: int = 1  # measurements per configuration, in interleaved rounds over all of them
+    rounds: int = 1  # measurements (records) per configuration, each a measurement set's
     backends: tuple[str, ...] = ("onnxruntime",)  # each with `count` configurations
+    windows: int = 20  # windows per structure in one measurement set
 
 
 @dataclass(frozen=True)
 class SampleOutcome:
-    """What a run did: each measurement made now (a configuration once per round), the
-    configurations found in the profile database, those the model cannot be cut to."""
+    """What a run did: each measurement made now (a configuration once per round and model),
+    the configurations found in the profile database, those a model cannot be cut to."""
 
     measured: tuple[SampleConfig, ...]
     skipped: tuple[SampleConfig, ...]
     unbuildable: tuple[tuple[SampleConfig, str], ...] = ()  # e.g. a cut the widths cannot reach
 
 
+@dataclass(frozen=True, eq=False)  # one per model of a run, compared as itself
+class _Source:
+    """A model to sample structures of: its TOML's config, the torch model, a few images."""
+
+    config: object
+    torch: object
+    calibration: object
+
+
+def _source(path: Path) -> _Source:
+    from edgec.data import load_data_config
+    from edgec.model import load_model_config, load_torch_model
+
+    config = load_model_config(path)
+    calibration = load_data_config(config.resolve(config.data)).load("calibration") \
+        .head(CALIBRATION_IMAGES)
+    return _Source(config, load_torch_model(config), calibration)
+
+
 def run_sample(request: SampleRequest,
                progress: Callable[[str], None] = lambda message: None) -> SampleOutcome:
-    """Build, measure and record every configuration not yet in the profile database."""
-    from edgec.data import load_data_config
+    """Build, measure and record every configuration of every model not yet in the profile
+    database; a round measures the structures of all models together."""
     from edgec.devices import open_device
-    from edgec.model import load_model_config, load_torch_model
     from edgec.profiles import ProfileDB
     from edgec.targets import load_target
 
-    config, target = load_model_config(request.model), load_target(request.target)
+    if not request.models:
+        raise ConfigError("latency sample: no model to sample; give --model MODEL.toml")
+    target = load_target(request.target)
     configs = sample_configs(request.count, request.multiples, request.threads, request.seed,
                              request.backends)
     foreign = [name for name in request.backends if name not in target.backends]
@@ -122,49 +150,81 @@ def run_sample(request: SampleRequest,
         raise ConfigError(f"latency sample: target {target.name!r} has no backend "
                           f"{', '.join(foreign)} (it has {', '.join(target.backends)}); drop "
                           f"--backend {foreign[0]} or sample for a target that has it")
-    model = load_torch_model(config)
-    calibration = load_data_config(config.resolve(config.data)).load("calibration") \
-        .head(CALIBRATION_IMAGES)
+    sources = [_source(path) for path in request.models]
+    work = [(source, sample) for source in sources for sample in configs]
     database = ProfileDB(request.profiles)
     device = open_device(request.device)
-    measured, skipped, unbuildable = [], [], []
-    built: dict[SampleConfig, tuple[Path, dict]] = {}  # each structure built once, kept a run
+    measured, unbuildable = [], []
+    built: dict[tuple, tuple[Path, dict]] = {}  # each structure built once, kept a run
     try:
-        done = _recorded(database, device.name, config.name)
+        done = {s: _recorded(database, device.name, s.config.name) for s in sources}
+        times = {(source, sample): done[source].get(_protocol_key(sample, request), 0)
+                 for source, sample in work}
+        skipped = [sample for source, sample in work if times[(source, sample)]]
         with tempfile.TemporaryDirectory(prefix="edgec-sample-") as scratch:
-            for round_ in range(request.rounds):  # a slow spell of the board hits all alike
-                for index, sample in enumerate(configs):
-                    spec = replace(request.measure, threads=sample.threads)
-                    if done.get(_protocol_key(sample, spec), 0) > round_:
-                        skipped += [sample] if round_ == 0 else []
-                        continue
-                    if any(sample == failed for failed, _ in unbuildable):
-                        continue
-                    progress(f"round {round_ + 1} of {request.rounds}, sample {index + 1} of "
-                             f"{len(configs)}: {sample.key()}")
-                    if sample not in built:
-                        try:
-                            built[sample] = _build_one(sample, model, config, target,
-                                                       calibration, Path(scratch) / str(index))
-                        except PassError as exc:  # not a structure of this model: others count
-                            progress(f"  not buildable: {exc}")
-                            unbuildable.append((sample, str(exc)))
-                            continue
-                    _measure_one(sample, spec, *built[sample], device, database)
-                    measured.append(sample)
+            for round_ in range(request.rounds):  # each round: one measurement set per threads
+                failed = {item for item, _ in unbuildable}
+                due = [item for item in work if times[item] <= round_ and item not in failed]
+                _build_missing(due, built, unbuildable, progress, lambda item: _build_one(
+                    item[1], item[0].torch, item[0].config, target, item[0].calibration,
+                    Path(scratch) / str(work.index(item))))
+                for threads in request.threads:
+                    group = [item for item in due if item in built and item[1].threads == threads]
+                    if group:
+                        progress(f"round {round_ + 1} of {request.rounds}: measuring "
+                                 f"{len(group)} structures together, {request.windows} "
+                                 f"windows each, {threads} thread(s)")
+                        _measure_group(group, request, built, device, database)
+                        measured += [sample for _, sample in group]
     finally:
         getattr(device, "close", lambda: None)()
-    return SampleOutcome(tuple(measured), tuple(skipped), tuple(unbuildable))
+    return SampleOutcome(tuple(measured), tuple(skipped),
+                         tuple((sample, why) for (_, sample), why in unbuildable))
 
 
-def _protocol_key(sample: SampleConfig, spec: MeasureSpec) -> str:
+def _build_missing(due: list[tuple], built: dict, unbuildable: list, progress,
+                   build: Callable[[tuple], tuple[Path, dict]]) -> None:
+    """Build each (source, configuration) of ``due`` not built yet; one that is not a structure
+    of its model (e.g. a cut its widths cannot reach) goes to ``unbuildable``, the others
+    count."""
+    for item in due:
+        if item in built:
+            continue
+        progress(f"building {item[0].config.name}: {item[1].key()}")
+        try:
+            built[item] = build(item)
+        except PassError as exc:
+            progress(f"  not buildable: {exc}")
+            unbuildable.append((item, str(exc)))
+
+
+def _measure_group(group: list[tuple], request: SampleRequest, built: dict, device,
+                   database) -> None:
+    """The structures of ``group`` (one thread count) measured together and recorded."""
+    from edgec.latency.features import profile_features
+
+    spec = replace(request.measure, threads=group[0][1].threads)
+    measurements = measure_set(device, [built[item][0] for item in group], spec,
+                               request.windows)
+    for item, measurement in zip(group, measurements):
+        (directory, manifest), sample = built[item], item[1]
+        database.record(device.name, manifest, spec, measurement,
+                        profile_features(directory, sample.threads), {"sample": asdict(sample)})
+
+
+def _protocol_key(sample: SampleConfig, request: SampleRequest) -> str:
+    spec = replace(request.measure, threads=sample.threads)
+    return _key(sample, spec, request.windows)
+
+
+def _key(sample: SampleConfig, spec: MeasureSpec, windows: int) -> str:
     protocol = {k: v for k, v in asdict(spec).items() if k != "data"}
-    return f"{sample.key()} {sorted(protocol.items())}"
+    return f"{sample.key()} windows={windows} {sorted(protocol.items())}"
 
 
 def _recorded(database, device: str, model: str) -> dict[str, int]:
-    """How many times the database holds each sample configuration (with its protocol) of
-    this model."""
+    """How many times the database holds each sample configuration (with its protocol: the
+    window's and the number of windows of its set) of this model."""
     found: dict[str, int] = {}
     for record in database.records(device):
         sample = record.get("sample")
@@ -172,7 +232,7 @@ def _recorded(database, device: str, model: str) -> dict[str, int]:
         if sample and record.get("model") == model and current:  # older features: again
             spec = MeasureSpec(**{k: v for k, v in record["protocol"].items()
                                   if k in MeasureSpec.__dataclass_fields__})
-            key = _protocol_key(SampleConfig(**sample), spec)
+            key = _key(SampleConfig(**sample), spec, record["summary"].get("windows", 0))
             found[key] = found.get(key, 0) + 1
     return found
 
@@ -189,15 +249,6 @@ def _build_one(sample: SampleConfig, model, config, target, calibration, scratch
     manifest = write_artifact(built, config, target, [{"sample": asdict(sample)}], directory,
                               sample.backend)
     return directory, manifest
-
-
-def _measure_one(sample: SampleConfig, spec: MeasureSpec, directory: Path, manifest: dict,
-                 device, database) -> None:
-    from edgec.latency.features import profile_features
-
-    measurement = device.measure(directory, spec)
-    database.record(device.name, manifest, spec, measurement,
-                    profile_features(directory, sample.threads), {"sample": asdict(sample)})
 
 
 def _structure(sample: SampleConfig, model, config, target, calibration, scratch: Path):

@@ -23,11 +23,15 @@ def record_key(record: dict[str, Any], device: str) -> LatencyKey:
 
 
 def record_sample(record: dict[str, Any], origin: str) -> LatencySample:
-    """A sample from one record: its features and the summary's mean latency (ms)."""
+    """A sample from one record: its features and its latency (ms): the summary's
+    ``level_ms`` when it was measured in a set (:mod:`edgec.measure_set`: the drift of the
+    machine taken out), else its ``mean_ms``."""
     check_features(record["features"], origin)
-    latency = record.get("summary", {}).get("mean_ms")
+    summary = record.get("summary", {})
+    field = "level_ms" if "level_ms" in summary else "mean_ms"
+    latency = summary.get(field)
     if not isinstance(latency, int | float) or not latency > 0:
-        raise DataError(f"{origin}: the record has no positive summary mean_ms ({latency!r}); "
+        raise DataError(f"{origin}: the record has no positive summary {field} ({latency!r}); "
                         f"remove the line or measure the configuration again")
     return LatencySample(record["features"], float(latency), origin)
 

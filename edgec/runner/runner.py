@@ -10,6 +10,8 @@ Usage:
   python runner.py predict IMAGE.png|DIR|images.npz|images.npy [--top 3]
   python runner.py time-stages --data images.npz [--repeat 50] [--rounds 5] [--warmup 10]
                                (in a timing bundle, see time_stages and edgec/stage_timing.py)
+  python runner.py measure-set [--rounds 5] [--warmup 10] [--repeat 50] [--min-time 1.0] ...
+                               (in a measurement set, see measure_set and edgec/measure_set.py)
 """
 
 from __future__ import annotations
@@ -174,10 +176,10 @@ def ort_session(model, threads=1, optimization="all", providers=("CPUExecutionPr
     return ort.InferenceSession(source, options, providers=list(providers))
 
 
-def load_onnxruntime(files, threads):
+def load_onnxruntime(root, files, threads):
     import onnxruntime as ort
 
-    session = ort_session(HERE / files[0], threads)
+    session = ort_session(root / files[0], threads)
     name = session.get_inputs()[0].name
 
     def predict(x):
@@ -186,7 +188,7 @@ def load_onnxruntime(files, threads):
     return predict, {"onnxruntime": ort.__version__}
 
 
-def load_tvm(files, threads):
+def load_tvm(root, files, threads):
     """A TVM Relax VM over model.so (batch fixed at compile time: larger batches are looped)."""
     import os
 
@@ -194,9 +196,9 @@ def load_tvm(files, threads):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    entry = json.loads((HERE / "manifest.json").read_text())["entry"]
+    entry = json.loads((root / "manifest.json").read_text())["entry"]
     device = tvm.cuda() if entry.get("device") == "cuda" else tvm.cpu()
-    vm = VirtualMachine(tvm.runtime.load_module(str(HERE / files[0])), device)
+    vm = VirtualMachine(tvm.runtime.load_module(str(root / files[0])), device)
     step = entry.get("batch", 1)
 
     def predict(x):
@@ -209,14 +211,14 @@ def load_tvm(files, threads):
     return predict, {"tvm": tvm.__version__}
 
 
-def load_tensorrt(files, threads):
+def load_tensorrt(root, files, threads):
     """Jetson artifacts: the ONNX variant through ONNX Runtime, preferring its TensorRT and CUDA
     providers (onnxruntime-gpu on the board); on a machine without them, the CPU provider."""
     import onnxruntime as ort
 
     wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     providers = [p for p in wanted if p in ort.get_available_providers()]
-    session = ort_session(HERE / files[0], threads, providers=providers)
+    session = ort_session(root / files[0], threads, providers=providers)
     name = session.get_inputs()[0].name
 
     def predict(x):
@@ -252,12 +254,12 @@ class Cascade:
         return run(None, {name: x})[0]
 
 
-def load_cascade(files, threads):
+def load_cascade(root, files, threads):
     """files[0] is cascade.json (stage files, thresholds); the rest are the stage graphs."""
     import onnxruntime as ort
 
-    spec = json.loads((HERE / files[0]).read_text())
-    sessions = [ort_session(HERE / name, threads) for name in spec["stages"]]
+    spec = json.loads((root / files[0]).read_text())
+    sessions = [ort_session(root / name, threads) for name in spec["stages"]]
     return Cascade(sessions, spec["thresholds"]), {"onnxruntime": ort.__version__}
 
 
@@ -275,12 +277,12 @@ def _per_sample(run_one):
     return predict
 
 
-def load_ort_mobile(files, threads):
+def load_ort_mobile(root, files, threads):
     """ONNX Runtime mobile format: any onnxruntime build loads .ort files."""
-    return load_onnxruntime(files, threads)
+    return load_onnxruntime(root, files, threads)
 
 
-def load_executorch(files, threads):
+def load_executorch(root, files, threads):
     """The .pte through ExecuTorch's C++ runtime, its XNNPACK threadpool set to ``threads``.
 
     The pool is ExecuTorch's own (one thread per core by default; ``torch.set_num_threads``
@@ -296,7 +298,7 @@ def load_executorch(files, threads):
     if native._threadpool_get_thread_count() != threads:
         raise SystemExit(f"runner: ExecuTorch kept {native._threadpool_get_thread_count()} "
                          f"threads, not --threads {threads}")
-    module = native._load_for_executorch(str(HERE / files[0]))
+    module = native._load_for_executorch(str(root / files[0]))
 
     def run_one(x):
         return module.forward([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
@@ -306,10 +308,10 @@ def load_executorch(files, threads):
     return _per_sample(run_one), {"executorch": version("executorch")}
 
 
-def load_litert(files, threads):
+def load_litert(root, files, threads):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(HERE / files[0]), num_threads=threads)
+    interpreter = Interpreter(model_path=str(root / files[0]), num_threads=threads)
     interpreter.allocate_tensors()
     source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
@@ -323,19 +325,19 @@ def load_litert(files, threads):
     return _per_sample(run_one), {"ai-edge-litert": version("ai-edge-litert")}
 
 
-def load_hls4ml(files, threads):
+def load_hls4ml(root, files, threads):
     """hls4ml's bit-accurate C simulation (csim.so) through ctypes; input NCHW (the project
     transposes to channels-last itself)."""
     import ctypes
 
-    entry = json.loads((HERE / "manifest.json").read_text())["entry"]
-    function = getattr(ctypes.CDLL(str(HERE / entry["library"])), entry["function"])
+    entry = json.loads((root / "manifest.json").read_text())["entry"]
+    function = getattr(ctypes.CDLL(str(root / entry["library"])), entry["function"])
     pointer = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
     function.argtypes, function.restype = [pointer, pointer], None
     import os
 
     cwd = os.getcwd()
-    os.chdir(HERE)  # the first call reads the weights from hls/firmware/weights (relative)
+    os.chdir(root)  # the first call reads the weights from hls/firmware/weights (relative)
     try:
         function(np.zeros(int(np.prod(entry["input_shape"])), np.float32),
                  np.zeros(entry["output_size"], np.float32))
@@ -356,12 +358,13 @@ LOADERS = {"cascade": load_cascade, "onnxruntime": load_onnxruntime, "tvm": load
            "litert": load_litert, "hls4ml": load_hls4ml}
 
 
-def load(manifest, threads):
+def load(manifest, threads, root=HERE):
+    """(predict, runtime versions) of the artifact whose manifest is ``manifest``, in ``root``."""
     entry = manifest["entry"]
     loader = LOADERS.get(entry["backend"])
     if loader is None:
         raise SystemExit(f"runner: unknown backend {entry['backend']!r}; known: {sorted(LOADERS)}")
-    return loader(entry["files"], threads)
+    return loader(root, entry["files"], threads)
 
 
 def read_split(path, start, count):
@@ -401,6 +404,26 @@ def measure(predict, manifest, args):
     cores_busy = (time.process_time() - cpu_started) / (time.perf_counter() - started)
     return {"samples_ms": samples, "batch": args.batch, "summary": latency_summary(samples),
             "cores_busy": round(cores_busy, 3), **exit_histogram(predict)}
+
+
+def measure_set(manifest, args):
+    """Every artifact of a measurement set (``manifest['members']``: folders next to this file,
+    each an artifact), ``--rounds`` rounds, each artifact in turn per round: loaded afresh
+    (where the runtime places its buffers varies from load to load, and so does the latency),
+    warmed up and timed for one window as ``measure`` times it. A slow spell of the machine
+    hits every artifact of its round alike. Per artifact: each window's mean (ms) and runs."""
+    members = [(HERE / name, json.loads((HERE / name / "manifest.json").read_text()))
+               for name in manifest["members"]]
+    windows = [{"window_means_ms": [], "runs": 0} for _ in members]
+    for _ in range(args.rounds):
+        for found, (root, member) in zip(windows, members):
+            predict, found["runtime"] = load(member, args.threads, root)
+            samples = measure(predict, member, args)["samples_ms"]
+            found["window_means_ms"].append(sum(samples) / len(samples))
+            found["runs"] += len(samples)
+            del predict  # the next load of this artifact starts from nothing
+    return {"members": [{"artifact": member["hash"], **found}
+                        for found, (_, member) in zip(windows, members)]}, windows[0]["runtime"]
 
 
 def percentile(samples, q):
@@ -648,7 +671,7 @@ def evaluate(predict, manifest, args):
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["measure", "eval", "predict", "cpu", "time-stages"])
+    parser.add_argument("mode", choices=["measure", "eval", "predict", "cpu", "time-stages", "measure-set"])
     parser.add_argument("inputs", nargs="?", default="",
                         help="predict: an image, a directory of images, .npz or .npy")
     parser.add_argument("--top", type=int, default=3)
@@ -658,13 +681,14 @@ def parse(argv):
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--max-repeat", type=int, default=100000)
     parser.add_argument("--min-time", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=5, help="time-stages: streamed rounds")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="time-stages: streamed rounds; measure-set: windows per artifact")
     parser.add_argument("--data", default="")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--count", type=int, default=0)
     args = parser.parse_args(argv)
     if args.batch is None:
-        args.batch = 1 if args.mode == "measure" else 100
+        args.batch = 1 if args.mode in ("measure", "measure-set") else 100
     if args.mode in ("eval", "time-stages") and not args.data:
         parser.error(f"{args.mode} needs --data images.npz")
     if args.mode == "predict" and not args.inputs:
@@ -684,6 +708,8 @@ def main(argv=None):
         print(f"runner: warning: {warning}", file=sys.stderr)
     if args.mode == "time-stages":
         result, versions = time_stages(manifest, args)
+    elif args.mode == "measure-set":
+        result, versions = measure_set(manifest, args)
     else:
         predict, versions = load(manifest, args.threads)
         modes = {"measure": measure, "eval": evaluate, "predict": predict_files}
