@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import EdgecError
+from edgec.runner import RUNNER_PATH
 
 STAGES = ("torch", "onnx", "build")
 
@@ -68,6 +69,18 @@ def content_hash(files: dict[str, str], config: dict[str, Any]) -> str:
     """Hash of the deployable content: file digests plus the configuration that made them."""
     blob = json.dumps({"files": files, "config": config}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def seal_runner_bundle(directory: Path, kind: str, meta: dict[str, Any]) -> Path:
+    """Finish a directory the runner reads like an artifact (a timing bundle, a measurement
+    set): copy ``runner.py`` in and write ``manifest.json`` with every file's digest, ``kind``
+    and ``meta``, hashed together, so a board caches the bundle by its content."""
+    shutil.copyfile(RUNNER_PATH, directory / "runner.py")
+    files = {path.relative_to(directory).as_posix(): sha256_file(path)
+             for path in sorted(directory.rglob("*")) if path.is_file()}
+    manifest = {"hash": content_hash(files, meta), "kind": kind, "files": files, **meta}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return directory
 
 
 @contextmanager

@@ -246,12 +246,11 @@ def sample_command(
     from edgec.latency.sample import SampleRequest, run_sample
     from edgec.measure import MeasureSpec
 
-    if windows < 1:
-        fail(ConfigError(f"--windows {windows}: need at least 1 (the default is 20)"))
-    request = SampleRequest(tuple(model), device, target, n, tuple(multiple), tuple(threads),
-                            MeasureSpec(warmup=warmup, repeat=repeat, min_time_s=min_time),
-                            profiles, seed, rounds, tuple(backend), windows)
     try:
+        request = SampleRequest(tuple(model), device, target, n, tuple(multiple),
+                                tuple(threads), MeasureSpec(warmup=warmup, repeat=repeat,
+                                                            min_time_s=min_time),
+                                profiles, seed, rounds, tuple(backend), windows)
         outcome = run_sample(request, lambda message: errors.print(message, highlight=False,
                                                                    markup=False))
     except EdgecError as exc:

@@ -20,17 +20,15 @@ latency at the machine's typical speed over the run, the round factors are the d
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from edgec.artifact import content_hash, read_manifest, sha256_file
+from edgec.artifact import read_manifest, seal_runner_bundle
 from edgec.errors import MeasureError
 from edgec.measure import Measurement, MeasureSpec
-from edgec.runner import RUNNER_PATH
 
 POLISH_STEPS = 20  # median polish converges in a few; this many leaves nothing to change
 LOAD_ALLOWANCE_S = 20.0  # per window on the device: loading the artifact (slow under qemu)
@@ -65,19 +63,14 @@ def write_set(artifact_dirs: list[Path], directory: Path) -> Path:
     """The measurement set: runner.py, each artifact's files under ``m<i>/`` and a manifest
     naming the members, with their content hash."""
     directory.mkdir(parents=True)
-    shutil.copyfile(RUNNER_PATH, directory / "runner.py")
-    files, members = {"runner.py": sha256_file(directory / "runner.py")}, []
+    members = []
     for index, source in enumerate(map(Path, artifact_dirs)):
-        member, manifest = f"m{index}", read_manifest(source)
-        for name in [*manifest.get("files", {}), "manifest.json"]:
+        member = f"m{index}"
+        for name in [*read_manifest(source).get("files", {}), "manifest.json"]:
             (directory / member / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, directory / member / name)
-            files[f"{member}/{name}"] = sha256_file(directory / member / name)
         members.append(member)
-    manifest = {"hash": content_hash(files, {"members": members}), "kind": "measure-set",
-                "files": files, "members": members}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return directory
+    return seal_runner_bundle(directory, "measure-set", {"members": members})
 
 
 def interleaved_levels(window_means: list[list[float]]) -> list[float]:

@@ -9,16 +9,16 @@ the Device run ``runner.py time-stages`` there (``Device.time_stages``). LocalDe
 in a subprocess here; SSHDevice on the board, where bundle and images are uploaded once each
 and cached by content hash, under the board lock like every measurement.
 
-The statistics are the runner's own (``latency_summary`` and ``percentile``); a pass reads the
-lower quartile, since other work on the machine only ever adds time.
+The statistics are the runner's own (``latency_summary`` and ``percentile``); a pass reads a
+call's lower quartile, since other work on the machine only ever adds time, and a stream's level
+with the drift between rounds taken out (:func:`edgec.measure_set.interleaved_levels`: the
+streams take turns round by round, so a slow spell hits every stream of its round alike).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import content_hash, sha256_file
+from edgec.artifact import seal_runner_bundle
 from edgec.errors import MeasureError
-from edgec.runner import RUNNER_PATH
+from edgec.measure_set import interleaved_levels
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*\.onnx$")
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the images' npz bytes depend on the images alone
@@ -114,8 +114,9 @@ class StageTimingPlan:
 
 @dataclass(frozen=True)
 class StageTimes:
-    """Lower-quartile ms of each call and of each stream (per image), in the plan's order, and
-    the device that measured them; ``result``: the runner's whole JSON (samples, summaries)."""
+    """Lower-quartile ms of each call, each stream's ms per image with the rounds' drift taken
+    out (its level), in the plan's order, and the device that measured them; ``result``: the
+    runner's whole JSON (samples, summaries)."""
 
     calls_ms: tuple[float, ...]
     streams_ms: tuple[float, ...]
@@ -129,8 +130,8 @@ class StageTimes:
             raise MeasureError(f"the runner on {device} timed {len(calls)} calls and "
                                f"{len(streams)} streams, the plan has {len(plan.calls)} and "
                                f"{len(plan.streams)}; is its runner.py from this edgec?")
-        return cls(tuple(c["summary"]["p25_ms"] for c in calls),
-                   tuple(s["summary"]["p25_ms"] for s in streams), device, result)
+        levels = interleaved_levels([s["samples_ms"] for s in streams]) if streams else []
+        return cls(tuple(c["summary"]["p25_ms"] for c in calls), tuple(levels), device, result)
 
 
 def time_on(device, plan: StageTimingPlan) -> StageTimes:
@@ -146,15 +147,10 @@ def time_on(device, plan: StageTimingPlan) -> StageTimes:
 def write_bundle(plan: StageTimingPlan, directory: Path) -> Path:
     """The timing bundle: runner.py, the models and a manifest with their content hash."""
     directory.mkdir(parents=True)
-    shutil.copyfile(RUNNER_PATH, directory / "runner.py")
     for name, model in plan.models.items():
         (directory / name).write_bytes(model)
-    files = {name: sha256_file(directory / name) for name in [*sorted(plan.models), "runner.py"]}
-    timing = plan.timing_json()
-    manifest = {"hash": content_hash(files, {"input": plan.input, "timing": timing}),
-                "kind": "stage-timing", "files": files, "input": plan.input, "timing": timing}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return directory
+    return seal_runner_bundle(directory, "stage-timing",
+                              {"input": plan.input, "timing": plan.timing_json()})
 
 
 def write_images(images: np.ndarray, path: Path) -> Path:

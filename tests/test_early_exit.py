@@ -230,7 +230,7 @@ def test_the_stream_check_drops_an_exit_that_does_not_pay(digits_model, digits_c
                   baseline=digits_model)
     model, _ = pass_module._build(trace(digits_model), ["conv1"], params, ctx)
     deploy, data = model.deployable(), calibration.slice(0, 400)
-    always = pass_module.stream_saving(deploy, [0], [0.0], data, params, ctx)
+    [always] = pass_module.stream_savings(deploy, [([0], [0.0])], data, params, ctx)
     assert always["histogram"] == [400, 0]
     combined = onnx.load_from_string(pass_module._export(deploy, params, ctx))
     outputs = run_graph(combined, data, digits_config.input, 1, features=False)
@@ -241,6 +241,42 @@ def test_the_stream_check_drops_an_exit_that_does_not_pay(digits_model, digits_c
     [check] = record["checks"]
     assert check["histogram"] == [0, 400] and check["measured_saving"] < 0
     assert check["cascade_ms"] > check["plain_ms"] > 0 and record["measured_saving"] == 0.0
+
+
+def test_the_stream_check_measures_the_cascade_without_each_exit(digits_model, digits_config,
+                                                                  digits_data, tmp_path):
+    """Two kept exits: the check streams the cascade and, in the same rounds, the cascade
+    without each exit (thresholds chosen again among the rest), and keeps the fastest that
+    pays; an exit whose threshold is above 1 streams as pure overhead."""
+    from edgec.passes import early_exit as pass_module
+    from edgec.targets import load_target
+
+    calibration = digits_data[0]
+    params = EarlyExitParams(**{**DIGITS_EXIT, "after": ("conv1", "bn1"), "budget": 100.0})
+    ctx = Context(load_target("local"), digits_config.input, calibration, tmp_path,
+                  baseline=digits_model)
+    points = ["conv1", "bn1"]
+    model, _ = pass_module._build(trace(digits_model), points, params, ctx)
+    deploy, data = model.deployable(), calibration.slice(0, 400)
+    combined = onnx.load_from_string(pass_module._export(deploy, params, ctx))
+    outputs = run_graph(combined, data, digits_config.input, 2, features=False)
+    costs = pass_module.measure_costs(combined, 2, params, ctx)
+    kept, thresholds, record = pass_module.check_on_stream(
+        deploy, points, outputs, data, costs, 0.0, ([0, 1], [1.5, 0.0]), params, ctx)
+    first = record["checks"][0]
+    assert first["exits"] == points and first["histogram"] == [0, 400, 0]
+    without = [c for c in record["checks"][1:len(points) + 1] if len(c["exits"]) < 2]
+    assert without and all(set(c["exits"]) < set(points) for c in without)
+    chosen = [c for c in record["checks"] if c.get("chosen")]
+    if kept:  # the fastest check of its round, faster than the plain model
+        [pick] = chosen
+        assert (pick["exits"], pick["thresholds"]) == (
+            [points[k] for k in kept], [round(t, 6) for t in thresholds])
+        assert record["measured_saving"] == pick["measured_saving"] > 0
+        assert set(record["dropped"]) == set(points) - set(pick["exits"])
+    else:
+        assert not chosen and record["measured_saving"] == 0.0
+        assert all(c["measured_saving"] <= 0 for c in record["checks"])
 
 
 def test_agreement_thresholds_do_not_read_labels_and_bound_the_drop(digits_model, digits_config,

@@ -587,6 +587,8 @@ def test_sample_measures_the_structures_of_several_models_in_one_set(tmp_path):
     assert {r["summary"]["windows"] for r in records} == {2}
     with pytest.raises(ConfigError, match="no model to sample"):
         run_sample(SampleRequest((), profiles=tmp_path / "profiles"))
+    with pytest.raises(ConfigError, match="windows 0 and rounds 1 must be >= 1"):
+        SampleRequest((twin,), windows=0)
 
 
 def test_sample_grids_extend_and_take_backends_in_turns():

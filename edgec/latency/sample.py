@@ -102,6 +102,12 @@ class SampleRequest:
     backends: tuple[str, ...] = ("onnxruntime",)  # each with `count` configurations
     windows: int = 20  # windows per structure in one measurement set
 
+    def __post_init__(self):
+        if self.windows < 1 or self.rounds < 1:
+            raise ConfigError(f"latency sample: windows {self.windows} and rounds "
+                              f"{self.rounds} must be >= 1 (defaults: --windows 20, "
+                              f"--rounds 1)")
+
 
 @dataclass(frozen=True)
 class SampleOutcome:
@@ -152,6 +158,7 @@ def run_sample(request: SampleRequest,
                           f"--backend {foreign[0]} or sample for a target that has it")
     sources = [_source(path) for path in request.models]
     work = [(source, sample) for source in sources for sample in configs]
+    folder = {item: str(index) for index, item in enumerate(work)}  # where each is built
     database = ProfileDB(request.profiles)
     device = open_device(request.device)
     measured, unbuildable = [], []
@@ -167,7 +174,7 @@ def run_sample(request: SampleRequest,
                 due = [item for item in work if times[item] <= round_ and item not in failed]
                 _build_missing(due, built, unbuildable, progress, lambda item: _build_one(
                     item[1], item[0].torch, item[0].config, target, item[0].calibration,
-                    Path(scratch) / str(work.index(item))))
+                    Path(scratch) / folder[item]))
                 for threads in request.threads:
                     group = [item for item in due if item in built and item[1].threads == threads]
                     if group:

@@ -14,10 +14,11 @@ device (``ctx.device``: the board given with --device, else this machine); (5) o
 images disjoint from those of step 2, choose the exits greedily and their max-softmax
 thresholds so that the expected latency is lowest with a top-1 drop within ``budget`` points of
 the input model (what joint fine-tuning cost is spent from the same budget); exits that never
-fire are dropped; (6) stream the chosen cascade and the plain model over threshold-split images
-in order on the same device: while the cascade is not faster, drop the exit the cost model
-values least and choose again among the rest. The stream's measured saving is the pass's
-``expected_saving``; the cost model's is reported beside it (``model_saving``).
+fire are dropped; (6) stream the chosen cascade, the cascade without each of its exits and the
+plain model over threshold-split images in order on the same device, taking turns round by
+round: keep the fastest cascade; while none is faster than the plain model, drop the exit the
+cost model values least and choose again among the rest. The stream's measured saving is the
+pass's ``expected_saving``; the cost model's is reported beside it (``model_saving``).
 
 Joint fine-tuning trains far better with BatchNorm than on a folded backbone: put
 ``fuse`` with ``fold_bn = false`` before this pass; the stages are folded for deployment here.
@@ -58,7 +59,7 @@ STREAM_IMAGES = 100  # calibration images streamed to measure what a stage bound
 # in order, the rounds interleaved: ResNet-56's exits lost on the stream what stage-by-stage
 # costs promised (later stages run cold after images that left early).
 CHECK_IMAGES = 500
-CHECK_ROUNDS = 7
+CHECK_ROUNDS = 15
 # The backbone usually arrives with BatchNorm folded (fuse runs first); without clipping, SGD
 # on it diverged within ten steps at lr 0.005 (ResNet-20, six fresh heads).
 FINETUNE_MAX_GRAD_NORM = 2.0
@@ -394,50 +395,100 @@ def measure_costs(combined: onnx.ModelProto, exits: int, params, ctx) -> ee.Cost
 def check_on_stream(deploy: ee.ExitModel, points, outputs, data: Dataset, costs: ee.CostModel,
                     reference: float, chosen: tuple[list[int], list[float]], params,
                     ctx) -> tuple[list[int], list[float], dict]:
-    """Stream the chosen cascade against the plain model (:func:`stream_saving`); while it is
-    not faster, drop the kept exit the cost model values least and choose again among the other
-    candidates. Returns (kept, thresholds, the record of every check and what was dropped)."""
+    """Stream the chosen cascade against the plain model, and beside it the cascade without
+    each of its exits (thresholds chosen again among the rest, :func:`stream_savings`). Where a
+    cascade without an exit streams faster, take it and check again; while no variant is
+    faster than the plain model, drop the kept exit the cost model values least and choose
+    again among the other candidates. Returns (kept, thresholds, the record of every check and
+    what was dropped)."""
     kept, thresholds = chosen
     candidates, checks, dropped = list(range(len(points))), [], []
     while kept:
-        measured = stream_saving(deploy, kept, thresholds, data, params, ctx)
-        model = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]], data.labels,
-                                 thresholds, costs.subset(kept))["expected_saving"]
-        checks.append({"exits": [points[k] for k in kept], **measured,
-                       "model_saving": round(model, 4)})
-        ctx.progress(f"early_exit: streamed {[points[k] for k in kept]}: measured saving "
-                     f"{measured['measured_saving'] * 100:.1f} %, cost model {model * 100:.1f} %")
-        if measured["measured_saving"] > 0:
+        variants = [(kept, thresholds), *_without_each(kept, thresholds, outputs, data.labels,
+                                                       costs, reference, params)]
+        measured = stream_savings(deploy, variants, data, params, ctx)
+        round_checks = [_check_record(points, variant, found, outputs, data, costs)
+                        for variant, found in zip(variants, measured)]
+        checks += round_checks
+        best = max(range(len(variants)), key=lambda i: measured[i]["measured_saving"])
+        for record in round_checks:
+            ctx.progress(f"early_exit: streamed {record['exits']}: measured saving "
+                         f"{record['measured_saving'] * 100:.1f} %, cost model "
+                         f"{record['model_saving'] * 100:.1f} %")
+        if best == 0 and measured[0]["measured_saving"] > 0:
+            round_checks[0]["chosen"] = True
             break
+        if best > 0 and measured[best]["measured_saving"] > 0:
+            dropped += [points[k] for k in kept if k not in variants[best][0]]
+            kept, thresholds = variants[best]
+            continue
         worst = _least_valuable(kept, thresholds, outputs, costs, len(data))
         dropped.append(points[worst])
         candidates.remove(worst)
         kept, thresholds = _choose_among(candidates, outputs, data.labels, costs, reference,
                                          params)
-    last = checks[-1] if kept else {"measured_saving": 0.0}
+    saving = next((c["measured_saving"] for c in checks if c.get("chosen")), 0.0)
     return kept, thresholds, {"images": min(len(data), CHECK_IMAGES), "checks": checks,
-                              "dropped": dropped, "measured_saving": last["measured_saving"]}
+                              "dropped": dropped, "measured_saving": saving}
 
 
-def stream_saving(deploy: ee.ExitModel, kept: list[int], thresholds: list[float], data: Dataset,
-                  params, ctx) -> dict:
-    """1 - (cascade ms per image) / (plain ms per image), both streamed over the first
-    ``CHECK_IMAGES`` images of ``data`` in order, rounds interleaved, on the cost device and in
-    the cost precision; with the cascade's exit histogram (final output last)."""
-    combined = onnx.load_from_string(_export(deploy.keep(kept), params, ctx))
-    if params.cost_precision == "int8":
-        combined = _quantized(combined, ctx)
-    stages = {f"stage{k}.onnx": stage for k, stage in enumerate(stage_graphs(combined, len(kept)))}
-    models = {"plain.onnx": stage_graphs(combined, 0)[0], **stages}
+def _without_each(kept, thresholds, outputs, labels, costs: ee.CostModel, reference: float,
+                  params) -> list[tuple[list[int], list[float]]]:
+    """The cascade without each of its exits in turn (none for a single exit), the others'
+    thresholds chosen again, since the budget the dropped exit spent is free for them; where
+    the cost model would then let none of them fire, with their thresholds as they were (the
+    stream, not the cost model, judges the variant) if that stays inside the budget."""
+    variants = []
+    for j in range(len(kept)) if len(kept) > 1 else []:
+        rest = [k for i, k in enumerate(kept) if i != j]
+        again = ee.choose_thresholds([outputs[1 + k] for k in rest], outputs[0], labels,
+                                     costs.subset(rest), params.budget, reference)
+        if min(again) > 1.0:
+            again = [t for i, t in enumerate(thresholds) if i != j]
+            top1 = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in rest]], labels,
+                                    again, costs.subset(rest))["cascade_top1"]
+            if (reference - top1) * 100 > params.budget:
+                continue
+        variant = ([k for k, t in zip(rest, again) if t <= 1.0], [t for t in again if t <= 1.0])
+        if variant[0] and variant not in variants:
+            variants.append(variant)
+    return variants
+
+
+def _check_record(points, variant, measured: dict, outputs, data: Dataset,
+                  costs: ee.CostModel) -> dict:
+    kept, thresholds = variant
+    model = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]], data.labels,
+                             thresholds, costs.subset(kept))["expected_saving"]
+    return {"exits": [points[k] for k in kept], "thresholds": [round(t, 6) for t in thresholds],
+            **measured, "model_saving": round(model, 4)}
+
+
+def stream_savings(deploy: ee.ExitModel, variants: list[tuple[list[int], list[float]]],
+                   data: Dataset, params, ctx) -> list[dict]:
+    """For each cascade (kept exits, thresholds): 1 - (its ms per image) / (the plain model's),
+    all streamed over the first ``CHECK_IMAGES`` images of ``data`` in order, ``CHECK_ROUNDS``
+    rounds taking turns, the drift between rounds taken out (:class:`StageTimes`), on the cost
+    device and in the cost precision; with each cascade's exit histogram (final output last)."""
+    models, streams = {}, []
+    for v, (kept, thresholds) in enumerate(variants):
+        combined = onnx.load_from_string(_export(deploy.keep(kept), params, ctx))
+        if params.cost_precision == "int8":
+            combined = _quantized(combined, ctx)
+        stages = {f"v{v}-stage{k}.onnx": stage
+                  for k, stage in enumerate(stage_graphs(combined, len(kept)))}
+        models.setdefault("plain.onnx", stage_graphs(combined, 0)[0])
+        models.update(stages)
+        streams.append(CascadeStream(tuple(stages), tuple(thresholds)))
     plan = StageTimingPlan({name: model.SerializeToString() for name, model in models.items()},
-                           (), (("plain.onnx",), CascadeStream(tuple(stages), tuple(thresholds))),
-                           data.images[:CHECK_IMAGES], ctx.input_spec.to_json(),
-                           rounds=CHECK_ROUNDS)
+                           (), (("plain.onnx",), *streams), data.images[:CHECK_IMAGES],
+                           ctx.input_spec.to_json(), rounds=CHECK_ROUNDS)
     times = cost_device(ctx).time_stages(plan)
-    plain, cascade = times.streams_ms
-    return {"plain_ms": round(plain, 4), "cascade_ms": round(cascade, 4),
-            "measured_saving": round(1.0 - cascade / plain, 4),
-            "histogram": times.result["streams"][1]["exits"]}
+    plain = times.streams_ms[0]
+    return [{"plain_ms": round(plain, 4), "cascade_ms": round(cascade, 4),
+             "measured_saving": round(1.0 - cascade / plain, 4),
+             "histogram": record["exits"]}
+            for cascade, record in zip(times.streams_ms[1:], times.result["streams"][1:])]
 
 
 def _least_valuable(kept, thresholds, outputs, costs: ee.CostModel, count: int) -> int:
