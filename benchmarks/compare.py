@@ -11,9 +11,10 @@ off), all rows measured in this one run by the same runner protocol:
 - p50 / p90: one input repeated (the usual single-input latency);
 - stream mean: the whole evaluation split streamed in order, one image at a time (the number
   that counts for early-exit cascades, whose cost depends on the image).
-Each latency takes ``--rounds`` rounds (default 3) that visit all rows in turn: p50/p90 are
-their medians; the stream means are paired against edgec int8 chunk by chunk of the split
-(:func:`stream_means`), since this machine's speed drifts within seconds.
+Every row is measured in the same measurement sets (one runner, the rows in turn, each loaded
+afresh): ``--rounds`` windows on one input (default 3) and, for the stream means, ``--rounds``
+passes over the split in chunks; each figure is read against edgec int8 set by set
+(:func:`paired`), since this machine's speed drifts within seconds.
 Under the table, each prune-int8 row's search (its seconds and every step's ratio, MACs,
 fine-tune epochs and held-out drop) and each early-exit row's choice (exits, thresholds,
 held-out rates and expected saving).
@@ -210,42 +211,46 @@ def _channels(trial: dict) -> str:
 
 
 def measure(rows: list[Row], test_npz: Path, count: int, rounds: int) -> None:
-    """p50/p90 on one input, each the median of ``rounds`` rounds that visit every row in turn,
-    so that a slow spell of the machine hits all rows alike; then the stream means
-    (:func:`stream_means`)."""
+    """p50/p90 on one input and the stream means, every row measured in the same measurement
+    sets and read against edgec int8 (else the first row) window by window (:func:`paired`)."""
     device = LocalDevice()
     measured = [r for r in rows if r.directory is not None]
-    single = {id(r): [] for r in measured}
-    for _ in range(rounds):
-        for row in measured:
-            found = device.measure(row.directory, SPEC)
-            single[id(row)].append((found.p50, found.p90))
-    for row in measured:
-        row.p50, row.p90 = np.median(np.asarray(single[id(row)]), axis=0)
-    stream_means(device, measured, test_npz, count, rounds)
+    base = next((i for i, r in enumerate(measured) if r.name == "edgec int8"), 0)
+    found = measure_set(device, [r.directory for r in measured], SPEC, rounds)
+    p50 = paired([m.extra["window_p50_ms"] for m in found], base)
+    p90 = paired([m.extra["window_p90_ms"] for m in found], base)
+    for row, p50_ms, p90_ms in zip(measured, p50, p90):
+        row.p50, row.p90 = p50_ms, p90_ms
+    stream_means(device, measured, base, test_npz, count, rounds)
 
 
-def stream_means(device, rows: list[Row], test_npz: Path, count: int, rounds: int) -> None:
-    """Each row's mean ms per image over the evaluation split streamed in order, against the
-    edgec int8 row (else the first): the split is streamed in chunks of ``STREAM_CHUNK``
-    images, each chunk one measurement set in which every row streams it in turn, loaded
-    afresh (:func:`edgec.measure_set.measure_set`), ``rounds`` times over. A row's ratio to
-    the reference is the mean over chunks of its chunk's ratio (the machine's speed drifts by
-    tens of percent within seconds here, and a chunk's rows run within seconds of each other);
-    its stream mean is that ratio times the reference's median chunk."""
-    base = next((i for i, r in enumerate(rows) if r.name == "edgec int8"), 0)
-    ratios, reference = [[] for _ in rows], []
+def paired(windows: list[list[float]], base: int) -> list[float]:
+    """Each row's value from its windows (one per row in every set, the rows' windows of a set
+    seconds apart): its mean ratio to row ``base`` in the same set, times ``base``'s median.
+    This machine's speed drifts by tens of percent within seconds; a ratio taken within one
+    set cancels it, a median of windows minutes apart does not."""
+    reference = np.asarray(windows[base], dtype=float)
+    return [float(np.median(reference) * np.mean(np.asarray(w, dtype=float) / reference))
+            for w in windows]
+
+
+def stream_means(device, rows: list[Row], base: int, test_npz: Path, count: int,
+                 rounds: int) -> None:
+    """Each row's mean ms per image over the evaluation split streamed in order: the split is
+    streamed in chunks of ``STREAM_CHUNK`` images, each chunk one measurement set in which
+    every row streams it in turn, loaded afresh (:func:`edgec.measure_set.measure_set`),
+    ``rounds`` times over; the chunks' means read against row ``base`` (:func:`paired`)."""
+    means = [[] for _ in rows]
     for _ in range(rounds):
         for start in range(0, count, STREAM_CHUNK):
             spec = MeasureSpec(warmup=20, repeat=min(STREAM_CHUNK, count - start),
                                min_time_s=0.0, threads=1, data=str(test_npz), start=start,
                                count=min(STREAM_CHUNK, count - start))
-            means = [m.mean for m in measure_set(device, [r.directory for r in rows], spec, 1)]
-            reference.append(means[base])
-            for store, mean in zip(ratios, means):
-                store.append(mean / means[base])
-    for row, found in zip(rows, ratios):
-        row.stream_mean = float(np.median(reference) * np.mean(found))
+            for store, found in zip(means, measure_set(device, [r.directory for r in rows],
+                                                       spec, 1)):
+                store.append(found.mean)
+    for row, mean in zip(rows, paired(means, base)):
+        row.stream_mean = mean
 
 
 def print_table(model_name: str, count: int, rows: list[Row]) -> None:
@@ -311,7 +316,7 @@ def main() -> None:
     parser.add_argument("--prune-seconds", type=float, default=600.0,
                         help="cap on the fine-tune seconds of each --prune-ratios row")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="latency rounds over all rows; each figure is their median")
+                        help="windows on one input, and passes over the split, per row")
     args = parser.parse_args()
     recipes = args.recipe or [ROOT / "passes" / f"{name}.toml" for name in RECIPES]
     config, model, macs, calibration, evaluation, test_npz = load_config_and_data(args.model)

@@ -37,8 +37,8 @@ LOAD_ALLOWANCE_S = 20.0  # per window on the device: loading the artifact (slow 
 def measure_set(device, artifact_dirs: list[Path], spec: MeasureSpec, rounds: int
                 ) -> list[Measurement]:
     """One Measurement per artifact, in order: its samples are its windows' means (ms), its
-    summary adds ``level_ms`` (its latency with the rounds' drift taken out), ``windows`` and
-    ``set_size``."""
+    summary adds ``level_ms`` (its latency with the rounds' drift taken out), ``windows``,
+    ``set_size`` and each window's p50 and p90 (``window_p50_ms``, ``window_p90_ms``)."""
     if not artifact_dirs or rounds < 1:
         raise MeasureError(f"measure_set: need at least one artifact and one round; got "
                            f"{len(artifact_dirs)} artifacts, {rounds} rounds")
@@ -55,7 +55,8 @@ def measure_set(device, artifact_dirs: list[Path], spec: MeasureSpec, rounds: in
     return [Measurement(tuple(m["window_means_ms"]), result["peak_rss_mb"], m["runtime"],
                         tuple(result.get("warnings", ())),
                         {"level_ms": level, "windows": rounds, "set_size": len(members),
-                         "runs": m["runs"]})
+                         "runs": m["runs"], "window_p50_ms": m["window_p50_ms"],
+                         "window_p90_ms": m["window_p90_ms"]})
             for m, level in zip(members, levels)]
 
 

@@ -18,13 +18,13 @@ from edgec.build import BuildRequest, build, write_artifact
 from edgec.config import from_dict
 from edgec.data import Dataset, preprocess
 from edgec.devices import LocalDevice
-from edgec.errors import BudgetError, ConfigError, PassError
+from edgec.errors import BudgetError, CompileError, ConfigError, PassError
 from edgec.onnx_export import export_onnx
 from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, run_graph
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass
 from edgec.pipeline import Context, Pipeline, Step
-from edgec.stages import auto_points, split_segments, stage_graphs, trace
+from edgec.stages import auto_points, cascade_graph, split_segments, stage_graphs, trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits" / "model.toml"
@@ -181,6 +181,34 @@ def test_int8_stages_hand_over_uint8_channels_last_exactly(digits_model, digits_
     chained = second.run(None, {second.get_inputs()[0].name: feature})[0]
     whole = _session(combined).run(["logits"], {"input": x})[0]
     assert np.array_equal(chained, whole)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
+def test_the_cascade_as_one_graph_equals_its_stages_run_in_turn(digits_model, digits_config,
+                                                                 digits_data, tmp_path, quantize):
+    """cascade_graph (the stages in one graph, an If per exit) gives each image the logits and
+    the exit that the runner's Cascade gives running the stage graphs one by one: at mixed
+    thresholds, above 1 (the plain model) and at 0 (all at the first exit)."""
+    from edgec.runner import runner
+
+    calibration, evaluation = digits_data
+    params = EarlyExitParams(**{**DIGITS_EXIT, "after": ("conv1", "conv2")}, thresholds=(0.9, 0.5))
+    built = _run(digits_model, digits_config.input, calibration, tmp_path, params,
+                 quantize=quantize)
+    stages = stage_graphs(onnx.load(str(built.payload)), 2)
+    x = preprocess(evaluation.images, digits_config.input)
+    for thresholds in ([0.9, 0.5], [1.5, 1.5], [0.0, 0.0]):
+        graph = cascade_graph(stages, thresholds)
+        onnx.checker.check_model(graph, full_check=True)
+        whole = _session(graph)
+        found = [whole.run(None, {"input": x[i:i + 1]}) for i in range(len(x))]
+        staged = runner.Cascade([_session(s) for s in stages], thresholds)
+        expected = staged(x)
+        assert np.bincount([int(f[1][0]) for f in found], minlength=3).tolist() == staged.exits
+        assert np.abs(np.concatenate([f[0] for f in found]) - expected).max() < 1e-5
+    assert staged.exits == [len(x), 0, 0]
+    with pytest.raises(CompileError, match="2 thresholds"):
+        cascade_graph(stages, [0.5])
 
 
 def _session(model):

@@ -44,6 +44,8 @@ def _check(measurements, rounds: int, size: int) -> None:
         assert measurement.extra["windows"] == rounds and measurement.extra["set_size"] == size
         assert measurement.extra["runs"] >= rounds * WINDOW.repeat
         assert measurement.summary()["level_ms"] > 0 and "onnxruntime" in measurement.runtime
+        p50, p90 = measurement.extra["window_p50_ms"], measurement.extra["window_p90_ms"]
+        assert len(p50) == len(p90) == rounds and all(0 < a <= b for a, b in zip(p50, p90))
 
 
 def test_a_set_is_measured_in_one_runner_here(digits_int8_artifact, digits_fp32_artifact):

@@ -411,15 +411,19 @@ def measure_set(manifest, args):
     each an artifact), ``--rounds`` rounds, each artifact in turn per round: loaded afresh
     (where the runtime places its buffers varies from load to load, and so does the latency),
     warmed up and timed for one window as ``measure`` times it. A slow spell of the machine
-    hits every artifact of its round alike. Per artifact: each window's mean (ms) and runs."""
+    hits every artifact of its round alike. Per artifact: each window's mean, p50 and p90 (ms)
+    and the runs."""
     members = [(HERE / name, json.loads((HERE / name / "manifest.json").read_text()))
                for name in manifest["members"]]
-    windows = [{"window_means_ms": [], "runs": 0} for _ in members]
+    windows = [{"window_means_ms": [], "window_p50_ms": [], "window_p90_ms": [], "runs": 0}
+               for _ in members]
     for _ in range(args.rounds):
         for found, (root, member) in zip(windows, members):
             predict, found["runtime"] = load(member, args.threads, root)
             samples = measure(predict, member, args)["samples_ms"]
             found["window_means_ms"].append(sum(samples) / len(samples))
+            found["window_p50_ms"].append(percentile(samples, 50))
+            found["window_p90_ms"].append(percentile(samples, 90))
             found["runs"] += len(samples)
             del predict  # the next load of this artifact starts from nothing
     return {"members": [{"artifact": member["hash"], **found}
