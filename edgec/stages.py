@@ -219,24 +219,24 @@ def _add_confidence(stage: onnx.ModelProto, logits: str, opset: int) -> None:
                                                       ["batch"]))
 
 
-
 # ------------------------------------------------------- the stages as one graph with If nodes
 def cascade_graph(stages: list[onnx.ModelProto], thresholds: list[float]) -> onnx.ModelProto:
     """The cascade of ``stages`` (cut by :func:`stage_graphs`, heads included) as one ONNX
     graph for batch 1: stage 0, then for each exit k an ``If`` on ``confidence_k >=
     thresholds[k]`` whose then-branch returns exit k's logits and whose else-branch holds the
     rest of the cascade. Outputs ``logits`` and ``exit_index`` (int64 [1]: k for exit k,
-    ``len(thresholds)`` for the final output). The hand-over transposes cancel and go; every
-    initializer sits in the main graph, the branches read it from there.
+    ``len(thresholds)`` for the final output). Each stage keeps its hand-over transposes and
+    its initializers in its own branch: ORT's layout transform works graph by graph, and every
+    outer-scope value a branch reads is an implicit input the ``If`` passes on each call.
 
     One runtime session instead of one per stage, measured against the stage graphs the
     ``cascade`` backend ships (``benchmarks/cascade_graph.py``; int8, AMD EPYC, one thread,
-    test images streamed, against the plain int8 model): ResNet-20, one exit after layer2.2,
-    an image that runs past the exit costs +5.6 % in one graph against +15.2 % with a session
-    per stage, one that leaves there −18.2 % against −20.8 % (the If's own cost), the cascade
-    −3.7 % against −3.2 %: even. ResNet-56, three exits (nested Ifs): past all of them +40.7 %
-    against +16.4 %, the cascade −0.1 % against −10.3 %: the one graph loses. So the backend
-    keeps one graph per stage; this graph is for measuring that again on other boards.
+    2,000 test images streamed, vs the plain int8 model): ResNet-20 (one exit) −6.0 % against
+    −5.6 %, ResNet-56 (three) −12.7 % against −12.1 %; an image past every exit pays 1-2.5
+    points less in one graph, one that leaves at the first 0.5-1.5 points more (the ``If``).
+    Even, so the backend keeps one graph per stage. With the initializers in the main graph
+    and the hand-over transposes dropped, ResNet-56's one graph lost (−0.1 %): past all three
+    exits +40.7 % against +16.4 %.
     """
     if len(stages) != len(thresholds) + 1:
         raise CompileError(f"a cascade of {len(stages)} stages needs {len(stages) - 1} "
@@ -246,88 +246,78 @@ def cascade_graph(stages: list[onnx.ModelProto], thresholds: list[float]) -> onn
     for k, stage in enumerate(stages):
         bodies.append(_merged_stage(stage, k, last, incoming))
         incoming = bodies[-1][1].get("cut")
-    final_nodes, final = bodies[last]
     logits_type = stages[last].graph.output[0].type.tensor_type
     shape = [d.dim_param or d.dim_value for d in logits_type.shape.dim]
+    nodes, final, tensors = bodies[last]
     outputs = (final["logits"], f"stage{last}/exit_index")
-    nodes = [*final_nodes, _index_constant(outputs[1], last)]
+    nodes = [*nodes, _index_constant(outputs[1], last)]
     for k in reversed(range(last)):
-        nodes, outputs = _exit_branch(k, *bodies[k], nodes, outputs, shape)
-    limits = [helper.make_tensor(f"exit_{k}_threshold", onnx.TensorProto.FLOAT, [1], [float(t)])
-              for k, t in enumerate(thresholds)]
+        nodes, outputs, tensors = _exit_branch(k, bodies[k], thresholds[k],
+                                               (nodes, outputs, tensors), shape)
     graph = helper.make_graph(nodes, "cascade", list(stages[0].graph.input),
-                              _cascade_outputs("logits", "exit_index", shape),
-                              initializer=[*_initializers(stages), *limits])
+                              _cascade_outputs("logits", "exit_index", shape), initializer=tensors)
     model = helper.make_model(graph, opset_imports=list(stages[0].opset_import))
     model.ir_version = stages[0].ir_version
     return model
 
 
-def _exit_branch(k: int, body: list, names: dict, rest: list, rest_outputs: tuple, shape: list):
-    """Stage k's nodes, then ``If(confidence_k >= threshold_k)``: exit k's logits and index k,
-    else the nodes ``rest`` (the cascade past exit k) and their outputs. Returns (nodes, the
-    If's outputs)."""
+def _exit_branch(k: int, body: tuple, threshold: float, rest: tuple, shape: list):
+    """Stage k's nodes, then ``If(confidence_k >= threshold)``: exit k's logits and index k,
+    else ``rest`` (nodes, outputs, initializers: the cascade past exit k). Returns the same
+    triple for the graph from stage k on."""
+    nodes, names, tensors = body
     then = helper.make_graph(
         [helper.make_node("Identity", [names["exit"]], [f"exit_{k}/logits"]),
          _index_constant(f"exit_{k}/exit_index", k)],
         f"exit_{k}", [], _cascade_outputs(f"exit_{k}/logits", f"exit_{k}/exit_index", shape))
-    otherwise = helper.make_graph(rest, f"past_exit_{k}", [], _cascade_outputs(*rest_outputs, shape))
+    rest_nodes, rest_outputs, rest_tensors = rest
+    otherwise = helper.make_graph(rest_nodes, f"past_exit_{k}", [],
+                                  _cascade_outputs(*rest_outputs, shape), initializer=rest_tensors)
     outputs = ("logits", "exit_index") if k == 0 else (f"stage{k}/logits_out",
                                                         f"stage{k}/exit_index_out")
-    return [*body,
-            helper.make_node("GreaterOrEqual", [names["confidence"], f"exit_{k}_threshold"],
+    limit = helper.make_tensor(f"exit_{k}_threshold", onnx.TensorProto.FLOAT, [1], [threshold])
+    return [*nodes,
+            helper.make_node("GreaterOrEqual", [names["confidence"], limit.name],
                              [f"exit_{k}_taken"]),
             helper.make_node("If", [f"exit_{k}_taken"], list(outputs), name=f"exit_{k}_if",
-                             then_branch=then, else_branch=otherwise)], outputs
+                             then_branch=then, else_branch=otherwise)], outputs, [*tensors, limit]
 
 
 def _merged_stage(stage: onnx.ModelProto, k: int, last: int, incoming: str | None):
-    """Stage k's nodes for the merged graph, without its hand-over transposes, every tensor it
-    computes renamed ``stage<k>/...`` (k > 0: SSA across branches; the stages repeat some
-    nodes, e.g. a feature's DequantizeLinear), its input read from ``incoming``. Returns (nodes,
-    names: ``cut`` handed on, ``exit`` and ``confidence``, or ``logits`` for the last stage)."""
-    nodes = [node for node in stage.graph.node
-             if not (node.op_type == "Transpose" and (f"handover_{k}" in node.output
-                                                      or f"handover_{k - 1}" in node.input))]
+    """Stage k for the merged graph: its nodes and initializers, every name it defines renamed
+    ``stage<k>/...`` for k > 0 (SSA across branches: the stages repeat some nodes, e.g. a
+    feature's DequantizeLinear, and some constants), its input read from ``incoming``. Returns
+    (nodes, names: ``cut`` handed on, ``exit`` and ``confidence``, or ``logits`` for the last
+    stage, initializers)."""
     source = stage.graph.input[0].name
-    if k > 0 and source == f"handover_{k - 1}":
-        source = next(n for n in stage.graph.node if source in n.input).output[0]
-    produced = {name for node in nodes for name in node.output if name}
+    defined = {name for node in stage.graph.node for name in node.output if name} | {
+        tensor.name for tensor in stage.graph.initializer}
     prefix = f"stage{k}/" if k else ""
 
     def renamed(name: str) -> str:
         if k and name == source:
             return incoming
-        return prefix + name if name in produced else name
+        return prefix + name if name in defined else name
 
-    merged = []
-    for node in nodes:
+    nodes = []
+    for node in stage.graph.node:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.input[:] = [renamed(name) if name else name for name in node.input]
         copy.output[:] = [renamed(name) if name else name for name in node.output]
         copy.name = prefix + node.name if node.name else ""
-        merged.append(copy)
+        nodes.append(copy)
+    tensors = []
+    for tensor in stage.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        copy.name = renamed(tensor.name)
+        tensors.append(copy)
     first = stage.graph.output[0].name
     if k == last:
-        return merged, {"logits": renamed(first)}
-    cut = next(n for n in stage.graph.node if first in n.output).input[0] if (
-        first == f"handover_{k}") else first
-    return merged, {"cut": renamed(cut), "exit": renamed(f"exit_{k}"),
-                    "confidence": renamed("confidence")}
-
-
-def _initializers(stages: list[onnx.ModelProto]) -> list[onnx.TensorProto]:
-    """Every stage's initializers once (the stages were cut from one graph: a name shared by
-    two stages is the same tensor)."""
-    found: dict[str, onnx.TensorProto] = {}
-    for stage in stages:
-        for tensor in stage.graph.initializer:
-            if tensor.name in found and found[tensor.name] != tensor:
-                raise CompileError(f"stages disagree on initializer {tensor.name!r}; cut them "
-                                   f"from one graph with stage_graphs")
-            found.setdefault(tensor.name, tensor)
-    return list(found.values())
+        return nodes, {"logits": renamed(first)}, tensors
+    return nodes, {"cut": renamed(first), "exit": renamed(f"exit_{k}"),
+                   "confidence": renamed("confidence")}, tensors
 
 
 def _index_constant(name: str, k: int) -> onnx.NodeProto:
