@@ -64,10 +64,10 @@ def graph_row(directory: Path, thresholds):
 
     def load():
         session = runner.ort_session(graph, threads=1)
-        exits = [0] * (len(thresholds) + 1)
+        name, exits = session.get_inputs()[0].name, [0] * (len(thresholds) + 1)
 
         def one(x):
-            logits, index = session.run(None, {"input": x})
+            logits, index = session.run(None, {name: x})
             exits[int(index[0])] += 1
             return logits
         return one, exits

@@ -4,7 +4,9 @@ Two representations, one idea: a traced torch model is cut after named blocks in
 that chain to its output (the ``early_exit`` pass hangs a head after each but the last), and the
 early-exit ONNX graph, whose outputs are ``logits``, ``exit_k`` and ``feature_k``, is cut at the
 ``feature_k`` tensors into one stage graph per segment (the ``cascade`` backend ships them; the
-pass times them). torch is imported only where a torch model is cut: the backend needs none.
+pass times them). :func:`cascade_graph` joins the stage graphs again into one graph with an
+``If`` per exit (measured, not shipped: see its docstring). torch is imported only where a torch
+model is cut: the backend needs none.
 """
 
 from __future__ import annotations
