@@ -20,7 +20,7 @@ from edgec.data import Dataset, preprocess
 from edgec.devices import LocalDevice
 from edgec.errors import BudgetError, CompileError, ConfigError, PassError
 from edgec.onnx_export import export_onnx
-from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, run_graph
+from edgec.passes.early_exit import EarlyExitParams, EarlyExitPass, costs_from_report, run_graph
 from edgec.passes.fuse import FuseParams, FusePass
 from edgec.passes.quantize import QuantizeParams, QuantizePass
 from edgec.pipeline import Context, Pipeline, Step
@@ -242,6 +242,13 @@ def test_build_reports_what_the_runner_reproduces(tmp_path):
                                                          "--warmup", "3", "--repeat", "500",
                                                          "--min-time", "0"])
     assert stream["exits"] == accuracy["exits"] and len(stream["samples_ms"]) == 500
+    report = next(step["report"] for step in manifest["lineage"] if step["pass"] == "early_exit")
+    costs, kept = costs_from_report(report)  # the cost model read back gives the report's figure
+    histogram = report["threshold_split"]["histogram"]
+    exit_at = np.repeat(np.arange(len(histogram)), histogram)
+    assert kept == [0] and len(costs.segments) == 2
+    assert costs.subset(kept).expected(exit_at, kept) == pytest.approx(report["expected_ms"],
+                                                                       abs=3e-4)
 
 
 def test_the_stream_check_drops_an_exit_that_does_not_pay(digits_model, digits_config,

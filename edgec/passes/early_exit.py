@@ -574,6 +574,17 @@ def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
             "expected_saving": 1.0 - expected / costs.plain()}
 
 
+def costs_from_report(report: dict) -> tuple[ee.CostModel, list[int]]:
+    """(the pass's cost model over all its candidates, the indices of the kept ones), read back
+    from an ``early_exit`` report (the lineage entry of an artifact's manifest)."""
+    candidates = report["candidates"]
+    costs = ee.CostModel(segments=(*[c["segment_ms"] for c in candidates],
+                                   report["final_segment_ms"]),
+                         heads=tuple(c["head_ms"] for c in candidates), call=report["call_ms"])
+    after = [c["after"] for c in candidates]
+    return costs, [after.index(e["after"]) for e in report["exits"]]
+
+
 def _report(points, kept, thresholds, outputs, choice, costs, macs, head_data, choice_data,
             finetuned, seconds) -> dict:
     labels = choice_data.labels
