@@ -74,12 +74,38 @@ def graph_row(directory: Path, thresholds):
     return load
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def artifact_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with --int8, --exit (artifact folders) and --data (an npz split)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--int8", type=Path, required=True, help="the plain int8 artifact")
     parser.add_argument("--exit", type=Path, required=True, help="the early-exit artifact")
     parser.add_argument("--data", required=True,
                         help="npz with 'images' (uint8 NHWC) and 'labels', e.g. the test split")
+    return parser
+
+
+def streamed_levels(rows: dict, xs, rounds: int) -> tuple[dict[str, float], dict]:
+    """(µs per image of each row, each row's exit histogram or None): ``rounds`` rounds visit
+    every row in turn, loaded afresh and warmed on 50 images, then streaming ``xs`` in order;
+    the rounds' drift taken out (:func:`interleaved_levels`)."""
+    means, histograms = {name: [] for name in rows}, {}
+    for _ in range(rounds):
+        for name, load in rows.items():
+            run, exits = load()
+            for x in xs[:50]:
+                run(x)
+            if exits is not None:
+                exits[:] = [0] * len(exits)
+            started = time.perf_counter()
+            for x in xs:
+                run(x)
+            means[name].append((time.perf_counter() - started) * 1e6 / len(xs))
+            histograms[name] = list(exits) if exits is not None else None
+    return dict(zip(means, interleaved_levels(list(means.values())))), histograms
+
+
+def main() -> None:
+    parser = artifact_arguments(__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
@@ -93,20 +119,7 @@ def main() -> None:
     for label, chosen in (("", thresholds), (", never exits", never), (", always exit 0", always)):
         rows[f"sessions per stage{label}"] = staged_row(args.exit, chosen)
         rows[f"one graph{label}"] = graph_row(args.exit, chosen)
-    means, histograms = {name: [] for name in rows}, {}
-    for _ in range(args.rounds):
-        for name, load in rows.items():
-            run, exits = load()
-            for x in xs[:50]:
-                run(x)
-            if exits is not None:
-                exits[:] = [0] * len(exits)
-            started = time.perf_counter()
-            for x in xs:
-                run(x)
-            means[name].append((time.perf_counter() - started) * 1e6 / len(xs))
-            histograms[name] = list(exits) if exits is not None else None
-    levels = dict(zip(means, interleaved_levels(list(means.values()))))
+    levels, histograms = streamed_levels(rows, xs, args.rounds)
     cpu = host_cpu()
     print(f"\n{manifest['name']}: {len(xs)} test images streamed, batch 1, "
           f"1 thread, {args.rounds} rounds, on {cpu.model} ({' '.join(cpu.features)})\n")

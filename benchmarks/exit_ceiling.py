@@ -25,11 +25,9 @@ int8 artifact's on this split.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -37,12 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from cascade_graph import plain_row, staged_row  # noqa: E402
+from cascade_graph import artifact_arguments, plain_row, staged_row, streamed_levels  # noqa: E402
 
 from edgec import exits as ee  # noqa: E402
 from edgec.artifact import read_manifest  # noqa: E402
 from edgec.cpu import host_cpu  # noqa: E402
-from edgec.measure_set import interleaved_levels  # noqa: E402
 from edgec.passes.early_exit import costs_from_report  # noqa: E402
 from edgec.runner import runner  # noqa: E402
 
@@ -84,27 +81,8 @@ def evaluate(exit_logits, final, labels, costs: ee.CostModel, thresholds) -> dic
             "model_saving": 1 - costs.expected(exit_at, enabled) / costs.plain()}
 
 
-def streamed_levels(rows: dict, xs, rounds: int) -> dict[str, float]:
-    """µs per image of each row, the rounds interleaved and their drift taken out."""
-    means = {name: [] for name in rows}
-    for _ in range(rounds):
-        for name, load in rows.items():
-            run, _ = load()
-            for x in xs[:50]:
-                run(x)
-            started = time.perf_counter()
-            for x in xs:
-                run(x)
-            means[name].append((time.perf_counter() - started) * 1e6 / len(xs))
-    return dict(zip(means, interleaved_levels(list(means.values()))))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--int8", type=Path, required=True, help="the plain int8 artifact")
-    parser.add_argument("--exit", type=Path, required=True, help="the early-exit artifact")
-    parser.add_argument("--data", required=True,
-                        help="npz with 'images' (uint8 NHWC) and 'labels', e.g. the test split")
+    parser = artifact_arguments(__doc__.splitlines()[0])
     parser.add_argument("--reference", type=float, default=None,
                         help="top-1 (%%) the budget counts from; default: the int8 artifact's")
     parser.add_argument("--budget", type=float, default=1.0, help="top-1 points")
@@ -128,7 +106,7 @@ def main() -> None:
     xs = [runner.preprocess(images[i:i + 1], spec) for i in range(min(args.images, len(images)))]
     rows = {"plain int8": plain_row(args.int8),
             **{name: staged_row(args.exit, ts) for name, ts in cascades.items()}}
-    levels = streamed_levels(rows, xs, args.rounds)
+    levels, _ = streamed_levels(rows, xs, args.rounds)
     cpu = host_cpu()
     names = [report["candidates"][k]["after"] for k in kept]
     print(f"\n{manifest['name']}: exits {names}, {len(labels)} images for top-1, {len(xs)} "
