@@ -40,7 +40,7 @@ from cascade_graph import artifact_arguments, plain_row, staged_row, streamed_le
 from edgec import exits as ee  # noqa: E402
 from edgec.artifact import read_manifest  # noqa: E402
 from edgec.cpu import host_cpu  # noqa: E402
-from edgec.passes.early_exit import costs_from_report  # noqa: E402
+from edgec.passes.early_exit import costs_from_report, evaluate_choice  # noqa: E402
 from edgec.runner import runner  # noqa: E402
 
 BATCH = 500
@@ -70,17 +70,6 @@ def plain_top1(directory: Path, images, labels, spec) -> float:
     return float((logits.argmax(1) == labels).mean())
 
 
-def evaluate(exit_logits, final, labels, costs: ee.CostModel, thresholds) -> dict:
-    """Top-1, exit histogram and the cost model's saving of the cascade at ``thresholds``."""
-    exit_at = ee.cascade_exits([ee.confidence(z) for z in exit_logits], thresholds)
-    correct = ee.cascade_correct(exit_at, [z.argmax(1) == labels for z in exit_logits],
-                                 final.argmax(1) == labels)
-    enabled = [j for j, t in enumerate(thresholds) if t <= 1.0]
-    return {"top1": float(correct.mean()),
-            "histogram": np.bincount(exit_at, minlength=len(exit_logits) + 1).tolist(),
-            "model_saving": 1 - costs.expected(exit_at, enabled) / costs.plain()}
-
-
 def main() -> None:
     parser = artifact_arguments(__doc__.splitlines()[0])
     parser.add_argument("--reference", type=float, default=None,
@@ -102,7 +91,8 @@ def main() -> None:
     ceiling = ee.choose_thresholds(exit_logits, final, labels, costs, args.budget, reference,
                                    candidates=256)
     cascades = {"build's thresholds": built, "ceiling (thresholds on these labels)": ceiling}
-    found = {name: evaluate(exit_logits, final, labels, costs, ts) for name, ts in cascades.items()}
+    found = {name: evaluate_choice([final, *exit_logits], labels, ts, costs)
+             for name, ts in cascades.items()}
     xs = [runner.preprocess(images[i:i + 1], spec) for i in range(min(args.images, len(images)))]
     rows = {"plain int8": plain_row(args.int8),
             **{name: staged_row(args.exit, ts) for name, ts in cascades.items()}}
@@ -119,8 +109,8 @@ def main() -> None:
     print(f"| plain int8 | - | - | - | - | {plain:.1f} | - |")
     for name, ts in cascades.items():
         row = found[name]
-        print(f"| {name} | {', '.join(f'{t:.4f}' for t in ts)} | {row['top1']:.2%} | "
-              f"{'/'.join(map(str, row['histogram']))} | {row['model_saving']:.1%} | "
+        print(f"| {name} | {', '.join(f'{t:.4f}' for t in ts)} | {row['cascade_top1']:.2%} | "
+              f"{'/'.join(map(str, row['histogram']))} | {row['expected_saving']:.1%} | "
               f"{levels[name]:.1f} | {1 - levels[name] / plain:.1%} |")
 
 

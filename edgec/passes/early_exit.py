@@ -199,7 +199,7 @@ class EarlyExitPass:
             kept, thresholds, stream = check_on_stream(deploy, points, outputs, judged, costs,
                                                        reference, (kept, thresholds), params,
                                                        ctx)
-        choice = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]],
+        choice = evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]],
                                   judged.labels, thresholds, costs.subset(kept))
         choice["reference_top1"] = reference
         choice["model_saving"] = choice["expected_saving"]
@@ -445,7 +445,7 @@ def _without_each(kept, thresholds, outputs, labels, costs: ee.CostModel, refere
                                      costs.subset(rest), params.budget, reference)
         if min(again) > 1.0:
             again = [t for i, t in enumerate(thresholds) if i != j]
-            top1 = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in rest]], labels,
+            top1 = evaluate_choice([outputs[0], *[outputs[1 + k] for k in rest]], labels,
                                     again, costs.subset(rest))["cascade_top1"]
             if (reference - top1) * 100 > params.budget:
                 continue
@@ -458,7 +458,7 @@ def _without_each(kept, thresholds, outputs, labels, costs: ee.CostModel, refere
 def _check_record(points, variant, measured: dict, outputs, data: Dataset,
                   costs: ee.CostModel) -> dict:
     kept, thresholds = variant
-    model = _evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]], data.labels,
+    model = evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]], data.labels,
                              thresholds, costs.subset(kept))["expected_saving"]
     return {"exits": [points[k] for k in kept], "thresholds": [round(t, 6) for t in thresholds],
             **measured, "model_saving": round(model, 4)}
@@ -557,7 +557,10 @@ def _quantized(combined: onnx.ModelProto, ctx) -> onnx.ModelProto:
     return model
 
 
-def _evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
+def evaluate_choice(outputs, labels, thresholds, costs: ee.CostModel) -> dict:
+    """A cascade at ``thresholds`` on ``outputs`` = [final logits, exit logits...]: exit rates
+    and histogram, plain and cascade top-1 on ``labels``, the cost model's expected and plain
+    ms and its saving."""
     final, exit_logits = outputs[0], outputs[1:]
     conf = [ee.confidence(z) for z in exit_logits]
     exit_at = ee.cascade_exits(conf, thresholds, len(labels))
