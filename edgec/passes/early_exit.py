@@ -200,7 +200,7 @@ class EarlyExitPass:
                                                        reference, (kept, thresholds), params,
                                                        ctx)
         choice = evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]],
-                                  judged.labels, thresholds, costs.subset(kept))
+                                 judged.labels, thresholds, costs.subset(kept))
         choice["reference_top1"] = reference
         choice["model_saving"] = choice["expected_saving"]
         if stream is not None:
@@ -446,7 +446,7 @@ def _without_each(kept, thresholds, outputs, labels, costs: ee.CostModel, refere
         if min(again) > 1.0:
             again = [t for i, t in enumerate(thresholds) if i != j]
             top1 = evaluate_choice([outputs[0], *[outputs[1 + k] for k in rest]], labels,
-                                    again, costs.subset(rest))["cascade_top1"]
+                                   again, costs.subset(rest))["cascade_top1"]
             if (reference - top1) * 100 > params.budget:
                 continue
         variant = ([k for k, t in zip(rest, again) if t <= 1.0], [t for t in again if t <= 1.0])
@@ -459,7 +459,7 @@ def _check_record(points, variant, measured: dict, outputs, data: Dataset,
                   costs: ee.CostModel) -> dict:
     kept, thresholds = variant
     model = evaluate_choice([outputs[0], *[outputs[1 + k] for k in kept]], data.labels,
-                             thresholds, costs.subset(kept))["expected_saving"]
+                            thresholds, costs.subset(kept))["expected_saving"]
     return {"exits": [points[k] for k in kept], "thresholds": [round(t, 6) for t in thresholds],
             **measured, "model_saving": round(model, 4)}
 
