@@ -373,7 +373,8 @@ def test_too_little_calibration_data_is_one_clear_error(digits_model, digits_con
     ({"budget": -1}, "budget -1"),
     ({"cost_precision": "int4"}, "cost_precision 'int4'"),
     ({"finetune_cost_view": "rotated"}, "finetune_cost_view 'rotated'"),
-    ({"finetune_heads": -1}, "finetune_heads must be >= 0"),
+    ({"finetune_heads": -1}, "finetune_heads = -1 must be >= 0"),
+    ({"refit_epochs": -2}, "refit_epochs = -2 must be >= 0"),
     ({"threshold_target": "teacher"}, "threshold_target 'teacher'"),
     ({"tresholds": [0.9]}, "did you mean 'thresholds'"),
 ])
@@ -476,6 +477,26 @@ def test_finetune_heads_keeps_the_promising_candidates(digits_model, digits_conf
     report = built.lineage[-1].report
     assert [c["after"] for c in report["candidates"]] == ["conv2"]  # past the first stage
     assert report["finetune"]["steps"] > 0
+
+
+def test_refit_trains_fresh_heads_on_the_finetuned_features(digits_model, digits_config,
+                                                            digits_data, tmp_path):
+    settings = {**DIGITS_EXIT, "thresholds": (0.95,), "finetune_epochs": 0.5}
+    runs = {}
+    for refit in (0, 2):
+        (tmp_path / str(refit)).mkdir()
+        built = _run(digits_model, digits_config.input, digits_data[0], tmp_path / str(refit),
+                     EarlyExitParams(**settings, refit_epochs=refit))
+        graph = onnx.load(str(built.payload))
+        runs[refit] = (built.lineage[-1].report, {i.name: onnx.numpy_helper.to_array(i)
+                                                  for i in graph.graph.initializer})
+    (plain, plain_weights), (refit, refit_weights) = runs[0], runs[2]
+    assert plain["refit"] == {} and refit["refit"]["epochs"] == 2
+    assert refit["refit"]["images"] == 800  # every training image, not only cache_count
+    heads = [name for name in plain_weights if "heads" in name]
+    assert heads and all(not np.array_equal(plain_weights[n], refit_weights[n]) for n in heads)
+    backbone = [name for name in plain_weights if "heads" not in name]
+    assert all(np.array_equal(plain_weights[n], refit_weights[n]) for n in backbone)
 
 
 def test_backbone_finetuned_with_batchnorm_deploys_folded(digits_model, digits_config,

@@ -88,6 +88,11 @@ class EarlyExitParams:
     ``finetune_cost_view``: "shifted" (:func:`edgec.accuracy.shifted`) for a backbone that
     memorised its training split, where the plain view overstates the cost (ResNet-20, 18
     epochs on crop-flip-shifted: 1.3 points on held-out training images, 0.1 on the test split).
+    ``refit_epochs``: after the joint fine-tune (if any), train every head afresh for this
+    many epochs on the backbone's frozen features of all ``train_count`` images, distilled from
+    its final output (0: keep the heads as trained). The joint fine-tune moves the
+    features the first heads were fitted to, and its heads share the backbone's gradient:
+    refitted, ResNet-20's cascade streamed 11.3 % below int8 against 7.4 % (exit-int8, AMD EPYC).
     ``finetune_heads``: fine-tune only this many candidates (0: all), evenly spaced over those
     past the model's first top-level stage; the others are dropped. Every head's loss pulls
     the backbone: first-stage heads (ResNet-20/56: at most 51 % test top-1, never chosen) would
@@ -120,6 +125,7 @@ class EarlyExitParams:
     finetune_augment: str = ""
     finetune_cost_view: str = "plain"
     finetune_heads: int = 0
+    refit_epochs: int = 0
     cost_precision: str = "fp32"
     cost_repeats: int = 200
     threshold_target: str = "labels"
@@ -142,8 +148,9 @@ class EarlyExitParams:
                self.max_exits) < 1:
             raise ValueError("train_count, threshold_count, cache_count, epochs and max_exits "
                              "must be >= 1")
-        if self.finetune_epochs < 0 or self.finetune_seconds < 0 or self.finetune_heads < 0:
-            raise ValueError("finetune_epochs, finetune_seconds and finetune_heads must be >= 0")
+        for name in ("finetune_epochs", "finetune_seconds", "finetune_heads", "refit_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         if self.finetune_lr <= 0 or self.final_weight <= 0:
             raise ValueError(f"finetune_lr {self.finetune_lr} and final_weight "
                              f"{self.final_weight} must be > 0")
@@ -183,8 +190,10 @@ class EarlyExitPass:
         ctx.progress(f"early_exit: training {len(points)} heads on "
                      f"{min(len(head_data), params.cache_count)} images")
         started = time.perf_counter()
-        _train_heads(model, head_data, params, ctx)
+        _train_heads(model, head_data.head(min(len(head_data), params.cache_count)),
+                     params, ctx)
         finetuned = _finetune(model, artifact.payload, head_data, params, ctx)
+        refit = _refit_heads(model, head_data, params, ctx) if params.refit_epochs else {}
         deploy = model.deployable()
         combined = onnx.load_from_string(_export(deploy, params, ctx))
         costs = measure_costs(combined, len(points), params, ctx)
@@ -217,7 +226,7 @@ class EarlyExitPass:
                    "expected_saving": choice["expected_saving"]}
         report = {**_report(points, kept, thresholds, outputs, choice, costs, macs, head_data,
                             judged, finetuned, time.perf_counter() - started),
-                  "costs_measured_on": cost_device(ctx).name, "stream": stream}
+                  "costs_measured_on": cost_device(ctx).name, "stream": stream, "refit": refit}
         ctx.progress(f"early_exit: {len(kept)} exits {[points[k] for k in kept]}, expected "
                      f"saving {choice['expected_saving'] * 100:.1f} %")
         return artifact.derive("onnx", path, Step(self, params).lineage(report), cascade=cascade,
@@ -313,16 +322,34 @@ def _export(model: ee.ExitModel, params, ctx) -> bytes:
     return export_onnx(model, ctx.input_spec, params.opset, output_names=model.output_names())
 
 
-def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx) -> None:
-    data = data.head(min(len(data), params.cache_count))
-    combined = onnx.load_from_string(_export(model.deployable(), params, ctx))
-    outputs = run_graph(combined, data, ctx.input_spec, len(model.heads), features=True)
+def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx, epochs: int = 0,
+                 fresh: bool = False) -> None:
+    """Every head trained for ``epochs`` (0: ``params.epochs``) on the model's own frozen
+    features of ``data``, distilled from its final output; ``fresh``: new heads first."""
     k = len(model.heads)
+    combined = onnx.load_from_string(_export(model.deployable(), params, ctx))
+    # Every core: ResNet-56's features of 45,000 images took 117 s on one thread, 66 on two.
+    outputs = run_graph(combined, data, ctx.input_spec, k, features=True, threads=0)
     teacher, features = outputs[0], outputs[1 + k:]
-    for j, head in enumerate(model.heads):
-        settings = ee.TrainSettings(params.epochs, params.lr, temperature=params.temperature,
-                                    seed=ctx.seed + j)
-        ee.train_head(head, features[j], teacher, data.labels, settings)
+    for j in range(k):
+        if fresh:
+            torch.manual_seed(ctx.seed + j)
+            model.heads[j] = ee.make_head(params.head, features[j].shape[1:], teacher.shape[1],
+                                          params.pool, params.head_width)
+        settings = ee.TrainSettings(epochs or params.epochs, params.lr,
+                                    temperature=params.temperature, seed=ctx.seed + j)
+        ee.train_head(model.heads[j], features[j], teacher, data.labels, settings)
+    model.eval()
+
+
+def _refit_heads(model: ee.ExitModel, data: Dataset, params, ctx) -> dict:
+    """Fresh heads on the fine-tuned backbone (``EarlyExitParams.refit_epochs``)."""
+    ctx.progress(f"early_exit: refitting {len(model.heads)} heads on the backbone's features "
+                 f"of {len(data)} images")
+    started = time.perf_counter()
+    _train_heads(model, data, params, ctx, params.refit_epochs, fresh=True)
+    return {"epochs": params.refit_epochs, "images": len(data),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _finetune_candidates(model: ee.ExitModel, points, macs, ctx, count: int):
@@ -357,9 +384,10 @@ def _finetune(model: ee.ExitModel, source, data: Dataset, params, ctx) -> dict:
 
 
 def run_graph(combined: onnx.ModelProto, data: Dataset, spec, exits: int, features: bool,
-              batch: int = 100) -> list[np.ndarray]:
-    """Run the early-exit graph over ``data``: [logits, exit_0.., (feature_0.. as float16)]."""
-    session = runner.ort_session(combined.SerializeToString(), threads=1)
+              batch: int = 100, threads: int = 1) -> list[np.ndarray]:
+    """Run the early-exit graph over ``data``: [logits, exit_0.., (feature_0.. as float16)];
+    ``threads``: ONNX Runtime's intra-op threads (0: its default, every physical core)."""
+    session = runner.ort_session(combined.SerializeToString(), threads=threads)
     names = ["logits", *[f"exit_{k}" for k in range(exits)]]
     names += [f"feature_{k}" for k in range(exits)] if features else []
     chunks = [[] for _ in names]
