@@ -328,7 +328,7 @@ def test_agreement_thresholds_do_not_read_labels_and_bound_the_drop(digits_model
     ctx = Context(load_target("local"), digits_config.input, calibration, tmp_path,
                   baseline=digits_model)
     model, _ = pass_module._build(trace(digits_model), ["conv1"], params, ctx)
-    pass_module._train_heads(model, calibration.slice(0, 800), params, ctx)
+    pass_module._train_heads(model, calibration.slice(0, 800), params.epochs, params, ctx)
     data = calibration.slice(800, 1200)
     combined = onnx.load_from_string(pass_module._export(model.deployable(), params, ctx))
     outputs = run_graph(combined, data, digits_config.input, 1, features=False)

@@ -191,7 +191,7 @@ class EarlyExitPass:
                      f"{min(len(head_data), params.cache_count)} images")
         started = time.perf_counter()
         _train_heads(model, head_data.head(min(len(head_data), params.cache_count)),
-                     params, ctx)
+                     params.epochs, params, ctx)
         finetuned = _finetune(model, artifact.payload, head_data, params, ctx)
         refit = _refit_heads(model, head_data, params, ctx) if params.refit_epochs else {}
         deploy = model.deployable()
@@ -322,10 +322,10 @@ def _export(model: ee.ExitModel, params, ctx) -> bytes:
     return export_onnx(model, ctx.input_spec, params.opset, output_names=model.output_names())
 
 
-def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx, epochs: int = 0,
+def _train_heads(model: ee.ExitModel, data: Dataset, epochs: int, params, ctx,
                  fresh: bool = False) -> None:
-    """Every head trained for ``epochs`` (0: ``params.epochs``) on the model's own frozen
-    features of ``data``, distilled from its final output; ``fresh``: new heads first."""
+    """Every head trained for ``epochs`` on the model's own frozen features of ``data``,
+    distilled from its final output; ``fresh``: new heads first."""
     k = len(model.heads)
     combined = onnx.load_from_string(_export(model.deployable(), params, ctx))
     # Every core: ResNet-56's features of 45,000 images took 117 s on one thread, 66 on two.
@@ -336,7 +336,7 @@ def _train_heads(model: ee.ExitModel, data: Dataset, params, ctx, epochs: int = 
             torch.manual_seed(ctx.seed + j)
             model.heads[j] = ee.make_head(params.head, features[j].shape[1:], teacher.shape[1],
                                           params.pool, params.head_width)
-        settings = ee.TrainSettings(epochs or params.epochs, params.lr,
+        settings = ee.TrainSettings(epochs, params.lr,
                                     temperature=params.temperature, seed=ctx.seed + j)
         ee.train_head(model.heads[j], features[j], teacher, data.labels, settings)
     model.eval()
@@ -347,7 +347,7 @@ def _refit_heads(model: ee.ExitModel, data: Dataset, params, ctx) -> dict:
     ctx.progress(f"early_exit: refitting {len(model.heads)} heads on the backbone's features "
                  f"of {len(data)} images")
     started = time.perf_counter()
-    _train_heads(model, data, params, ctx, params.refit_epochs, fresh=True)
+    _train_heads(model, data, params.refit_epochs, params, ctx, fresh=True)
     return {"epochs": params.refit_epochs, "images": len(data),
             "seconds": round(time.perf_counter() - started, 1)}
 
